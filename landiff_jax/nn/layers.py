@@ -1,0 +1,143 @@
+"""Linear, embedding and normalisation layers whose parameters carry logical axis names."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+LogicalAxes = tuple[str | None, ...]
+
+
+def as_tuple(x: int | Sequence[int]) -> tuple[int, ...]:
+  return tuple(x) if isinstance(x, Sequence) else (x,)
+
+
+def constrain(x: jax.Array, axes: LogicalAxes | None) -> jax.Array:
+  """Logical sharding constraint on an activation; skipped when `axes` does not match its rank.
+
+  The same layer runs on [B, L, D] and [B, D] inputs, so a rank mismatch means "no constraint" rather than an error.
+  Outside an `axis_rules` context this is a no-op.
+  """
+  if axes is None or len(axes) != x.ndim:
+    return x
+  return nn.with_logical_constraint(x, axes)
+
+
+class Dense(nn.Module):
+  """A general dense layer: contracts `axis` of the input with the leading axes of the kernel.
+
+  `kernel_axes` names every kernel axis (contracted axes first, then output axes); the bias takes the output names.
+  """
+  features: int | Sequence[int]
+  axis: int | Sequence[int] = -1
+  use_bias: bool = True
+  kernel_axes: LogicalAxes | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros_init()
+  precision: lax.PrecisionLike = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = as_tuple(self.features)
+    axis = tuple(a % x.ndim for a in as_tuple(self.axis))
+    in_shape = tuple(x.shape[a] for a in axis)
+    kernel_shape = in_shape + features
+    kernel_axes = self.kernel_axes if self.kernel_axes is not None else (None,) * len(kernel_shape)
+    if len(kernel_axes) != len(kernel_shape):
+      raise ValueError(
+          f'Dense {self.name!r}: kernel_axes {kernel_axes} must name {len(kernel_shape)} axes '
+          f'(kernel shape {kernel_shape}).')
+
+    def init_kernel(key, shape, dtype):
+      # Initialise as a 2-D (fan_in, fan_out) matrix so fan-in scaling counts all contracted axes.
+      flat = self.kernel_init(key, (math.prod(in_shape), math.prod(features)), dtype)
+      return flat.reshape(shape)
+
+    kernel = self.param('kernel', nn.with_logical_partitioning(init_kernel, kernel_axes), kernel_shape,
+                        self.param_dtype)
+    x = jnp.asarray(x, self.dtype)
+    kernel = jnp.asarray(kernel, self.dtype)
+    contract = (axis, tuple(range(len(axis))))
+    y = lax.dot_general(x, kernel, (contract, ((), ())), precision=self.precision)
+    if self.use_bias:
+      bias_axes = kernel_axes[len(axis):]
+      bias = self.param('bias', nn.with_logical_partitioning(self.bias_init, bias_axes), features,
+                        self.param_dtype)
+      y = y + jnp.asarray(bias, self.dtype)
+    return y
+
+
+class Embed(nn.Module):
+  """Lookup table [num_embeddings, features]; `attend` multiplies by its transpose (tied output head)."""
+  num_embeddings: int
+  features: int
+  axes: LogicalAxes = ('vocab', 'embed')
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  embedding_init: Initializer = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal', out_axis=0)
+
+  def setup(self):
+    self.embedding = self.param('embedding', nn.with_logical_partitioning(self.embedding_init, self.axes),
+                                (self.num_embeddings, self.features), self.param_dtype)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+      raise ValueError(f'Embed expects integer ids, got dtype {ids.dtype}.')
+    return jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0)
+
+  def attend(self, query: jax.Array) -> jax.Array:
+    """query [..., features] → logits [..., num_embeddings]."""
+    return jnp.dot(jnp.asarray(query, self.dtype), jnp.asarray(self.embedding, self.dtype).T)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis; statistics and affine in float32, result cast to the input dtype."""
+  epsilon: float = 1e-5
+  use_scale: bool = True
+  use_bias: bool = True
+  param_axes: LogicalAxes = ('norm',)
+  dtype: Dtype | None = None  # output dtype; None keeps the input dtype
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    y = x.astype(jnp.float32)
+    mean = jnp.mean(y, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(y - mean), axis=-1, keepdims=True)
+    y = (y - mean) * lax.rsqrt(var + self.epsilon)
+    if self.use_scale:
+      scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones_init(), self.param_axes),
+                         (features,), self.param_dtype)
+      y = y * scale.astype(jnp.float32)
+    if self.use_bias:
+      bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(), self.param_axes),
+                        (features,), self.param_dtype)
+      y = y + bias.astype(jnp.float32)
+    return y.astype(self.dtype or x.dtype)
+
+
+class RMSNorm(nn.Module):
+  """`x * rsqrt(mean(x²) + eps) * w` over the last axis, in float32, result cast to the input dtype."""
+  epsilon: float = 1e-5
+  param_axes: LogicalAxes = ('norm',)
+  dtype: Dtype | None = None  # output dtype; None keeps the input dtype
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones_init(), self.param_axes),
+                       (x.shape[-1],), self.param_dtype)
+    y = x.astype(jnp.float32)
+    y = y * lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + self.epsilon)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype or x.dtype)
