@@ -246,6 +246,7 @@ def train_config():
   return ConfigDict(
       dict(
           workdir='',  # where checkpoints and metrics go; required by `landiff-jax train`
+          seed=0,  # parameter initialisation and the per-step rng (folded with the step number)
           num_steps=1000,
           batch_size=8,  # global batch, split over the mesh's data axes
           learning_rate=1e-4,

@@ -1,0 +1,187 @@
+"""The one generic training loop: sharded init or restore, a jitted step, EMA, logging, checkpoints, hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import optax
+
+from landiff_jax import parallel
+from landiff_jax.data.pipeline import make_batch_iterator
+from landiff_jax.train import checkpoint
+from landiff_jax.train.metrics import MetricsWriter, scalar_metrics
+from landiff_jax.train.optimizer import learning_rate_schedule, make_optimizer, merge_params, split_frozen
+from landiff_jax.train.state import TrainState
+from landiff_jax.train.task import Task, count_units
+
+Hook = Callable[[int, TrainState, dict[str, jax.Array]], None]
+
+
+def validate_train_config(train_config) -> None:
+  if not train_config.workdir:
+    raise ValueError('train.workdir is empty; set it (e.g. --config.train.workdir=/tmp/run) so checkpoints '
+                     'and metrics have somewhere to go.')
+  for field in ('num_steps', 'batch_size', 'log_every', 'checkpoint_every'):
+    if train_config[field] < 1:
+      raise ValueError(f'train.{field}={train_config[field]} must be at least 1.')
+  if not 0 <= train_config.ema_decay < 1:
+    raise ValueError(f'train.ema_decay={train_config.ema_decay} must be in [0, 1) (0 turns EMA off).')
+
+
+def _check_batch_divisible(batch_size: int, mesh: Mesh, rules: parallel.sharding.Rules) -> None:
+  shards = parallel.batch_shards(mesh, rules)
+  if batch_size % shards:
+    raise ValueError(f'train.batch_size={batch_size} cannot be split over the {shards} batch shards of mesh '
+                     f'{dict(mesh.shape)}; choose a multiple of {shards} or change the mesh.')
+
+
+def _make_init_state(task: Task, tx: optax.GradientTransformation, train_config) -> Callable[..., TrainState]:
+  frozen, ema_on = list(train_config.frozen), train_config.ema_decay > 0
+
+  def init_state(rng: jax.Array, example_batch: Any) -> TrainState:
+    init_rng, step_rng = jax.random.split(rng)
+    params = nn.meta.unbox(task.init_params(init_rng, example_batch))
+    trainable, frozen_params = split_frozen(params, frozen)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen_params=frozen_params,
+                      opt_state=tx.init(trainable),
+                      ema_params=jax.tree.map(jnp.copy, trainable) if ema_on else None,
+                      rng=jax.random.key_data(step_rng))
+
+  return init_state
+
+
+def _state_shardings(task: Task, tx: optax.GradientTransformation, train_config, mesh: Mesh,
+                     rules: parallel.sharding.Rules, rng: jax.Array, example_batch: Any) -> TrainState:
+  boxed = jax.eval_shape(task.init_params, rng, example_batch)
+  trainable, frozen = split_frozen(parallel.param_shardings(boxed, mesh, rules), list(train_config.frozen))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  abstract_trainable, _ = split_frozen(parallel.strip_partitioning(boxed), list(train_config.frozen))
+  opt_state = optax.tree_map_params(tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, abstract_trainable),
+                                    trainable, transform_non_params=lambda _: replicated,
+                                    is_leaf=lambda x: isinstance(x, NamedSharding))
+  return TrainState(step=replicated, params=trainable, frozen_params=frozen, opt_state=opt_state,
+                    ema_params=trainable if train_config.ema_decay > 0 else None, rng=replicated)
+
+
+def _make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                     ema_decay: float) -> Callable[..., Any]:
+
+  def train_step(state: TrainState, batch: Any):
+    rng = jax.random.fold_in(state.key(), state.step)
+
+    def loss_of(trainable):
+      return task.loss_fn(merge_params(trainable, state.frozen_params), batch, rng)
+
+    (loss, task_metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema_decay > 0:
+      ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+    metrics = dict(task_metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                   learning_rate=schedule(state.step))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+    return new_state, metrics, count_units(task, batch)
+
+  return train_step
+
+
+def _throughput(window_units: list[dict[str, Any]], seconds: float) -> dict[str, float]:
+  totals: dict[str, float] = {}
+  for units in jax.device_get(window_units):
+    for name, value in units.items():
+      totals[name] = totals.get(name, 0.0) + float(value)
+  return {f'{name}_per_sec': total / seconds for name, total in totals.items()}
+
+
+def train(task: Task, train_config, parallel_config, *, mesh: Mesh | None = None, hooks: Sequence[Hook] = (),
+          config: Any = None) -> TrainState:
+  """Trains `task` to `train_config.num_steps`, resuming from the latest checkpoint in `train_config.workdir`.
+
+  `mesh` defaults to `parallel.make_mesh(parallel_config.mesh)`. Each hook is called as
+  `hook(step, state, metrics)` after every step (and after that step's checkpoint has been started), with the
+  step's metrics still on the devices; `state` is donated to the next step, so copy what you keep.
+  `config` (default: the train and parallel sections) is stored as JSON with every checkpoint.
+  """
+  validate_train_config(train_config)
+  parallel.initialize_distributed(parallel_config)
+  mesh = parallel.make_mesh(parallel_config.mesh) if mesh is None else mesh
+  rules = parallel.logical_rules(parallel_config)
+  _check_batch_divisible(train_config.batch_size, mesh, rules)
+  tx, schedule = make_optimizer(train_config), learning_rate_schedule(train_config)
+  saved_config = checkpoint.config_as_json(
+      config if config is not None else {'train': train_config.to_dict(), 'parallel': parallel_config.to_dict()})
+  data = make_batch_iterator(task.dataset(), train_config.batch_size, seed=train_config.data_seed,
+                             shuffle=train_config.shuffle)
+  manager = checkpoint.make_manager(train_config.workdir, train_config.keep_checkpoints)
+  try:
+    with parallel.mesh_context(mesh, rules):
+      example_batch = _peek_batch(data, mesh, rules)
+      state = _init_or_restore(task, tx, train_config, mesh, rules, example_batch, data, manager)
+      step_fn = _jit_train_step(task, tx, schedule, train_config, mesh, state, example_batch)
+      return _run(step_fn, state, data, train_config, mesh, rules, manager, hooks, saved_config)
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+
+
+def _peek_batch(data, mesh: Mesh, rules: parallel.sharding.Rules) -> Any:
+  """The first batch, as global arrays, without moving the iterator."""
+  start_position = data.get_state()
+  batch = parallel.shard_batch(next(data), mesh, rules)
+  data.set_state(start_position)
+  return batch
+
+
+def _init_or_restore(task, tx, train_config, mesh, rules, example_batch, data, manager) -> TrainState:
+  """The latest checkpoint (moving `data` to its saved position) or, without one, a fresh sharded init."""
+  rng = jax.random.key(train_config.seed)
+  shardings = _state_shardings(task, tx, train_config, mesh, rules, rng, example_batch)
+  init_state = _make_init_state(task, tx, train_config)
+  abstract_state = checkpoint.abstract_tree(jax.eval_shape(init_state, rng, example_batch), shardings)
+  restored = checkpoint.restore(manager, abstract_state)
+  if restored is None:
+    return jax.jit(init_state, out_shardings=shardings)(rng, example_batch)
+  state, data_position = restored
+  data.set_state(data_position)
+  return state
+
+
+def _jit_train_step(task, tx, schedule, train_config, mesh, state, example_batch):
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  batch_shardings = jax.tree.map(lambda x: x.sharding, example_batch)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(_make_train_step(task, tx, schedule, train_config.ema_decay),
+                 in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, replicated, replicated), donate_argnums=(0,))
+
+
+def _run(step_fn, state, data, train_config, mesh, rules, manager, hooks, saved_config) -> TrainState:
+  first_step, num_steps = int(state.step), train_config.num_steps
+  writer = MetricsWriter(train_config.workdir, total_steps=num_steps, initial_step=min(first_step, num_steps),
+                         progress=train_config.progress, enabled=jax.process_index() == 0)
+  window_units, window_start = [], time.perf_counter()
+  try:
+    for step in range(first_step + 1, num_steps + 1):
+      state, metrics, units = step_fn(state, parallel.shard_batch(next(data), mesh, rules))
+      window_units.append(units)
+      writer.advance()
+      if step % train_config.log_every == 0 or step == num_steps:
+        host_metrics = scalar_metrics(jax.device_get(metrics))  # waits for this step, so the timing is real
+        elapsed = time.perf_counter() - window_start
+        throughput = {'steps_per_sec': len(window_units) / elapsed, **_throughput(window_units, elapsed)}
+        writer.write(step, {**host_metrics, **throughput})
+        window_units, window_start = [], time.perf_counter()
+      if step % train_config.checkpoint_every == 0 or step == num_steps:
+        checkpoint.save(manager, step, state, data.get_state(), saved_config)
+      for hook in hooks:
+        hook(step, state, metrics)
+  finally:
+    writer.close()
+  return state

@@ -1,0 +1,59 @@
+"""Training metrics: JSON lines (`metrics.jsonl`), TensorBoard scalars and a progress bar."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import numpy as np
+import tensorboardX
+import tqdm
+
+METRICS_FILE = 'metrics.jsonl'
+TENSORBOARD_DIR = 'tensorboard'
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+  """The scalar entries of a host-side metrics dict as Python numbers; arrays with more elements are dropped."""
+  scalars = {}
+  for name, value in metrics.items():
+    value = np.asarray(value)
+    if value.size == 1:
+      scalars[name] = value.item()
+  return scalars
+
+
+class MetricsWriter:
+  """Writes one record per logged step. Only the writing process (process 0) touches files."""
+
+  def __init__(self, workdir: str, *, total_steps: int, initial_step: int, progress: bool, enabled: bool = True):
+    self.enabled = enabled
+    self._jsonl = None
+    self._tensorboard = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a', encoding='utf-8')
+      self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+    show_bar = enabled and progress and sys.stderr.isatty()
+    self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, disable=not show_bar, unit='step',
+                          dynamic_ncols=True)
+
+  def advance(self, steps: int = 1) -> None:
+    self._bar.update(steps)
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
+    self._jsonl.flush()
+    for name, value in scalars.items():
+      self._tensorboard.add_scalar(f'train/{name}', value, step)
+    self._bar.set_postfix(loss=f'{scalars.get("loss", float("nan")):.4g}', refresh=False)
+
+  def close(self) -> None:
+    self._bar.close()
+    if self.enabled:
+      self._jsonl.close()
+      self._tensorboard.close()
