@@ -7,7 +7,7 @@ from typing import Any
 import grain
 import jax
 
-DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=8, prefetch_buffer_size=4)
+DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)
 
 
 def per_process_batch_size(batch_size: int, process_count: int) -> int:
