@@ -211,6 +211,20 @@ def test_metrics_file_and_tensorboard(baseline):
   assert events and os.path.getsize(events[0]) > 100
 
 
+def test_resume_after_a_crash_logs_each_step_once(tmp_path):
+  _, first = run_toy(tmp_path, num_steps=13)  # checkpoints at 10 and 13
+  shutil.rmtree(os.path.join(checkpoint_dir(tmp_path), '13'))  # as if it crashed before saving step 13
+  _, resumed = run_toy(tmp_path)
+  assert resumed.steps == list(range(11, 21))
+  with open(os.path.join(tmp_path, 'metrics.jsonl'), encoding='utf-8') as f:
+    rows = [json.loads(line) for line in f]
+  assert [row['step'] for row in rows] == list(range(1, 21))
+  logged = [row['loss'] for row in rows]
+  np.testing.assert_allclose(logged[:10], first.losses[:10], rtol=1e-7)
+  np.testing.assert_allclose(logged[10:], resumed.losses, rtol=1e-7)  # the resumed values, not the stale 11-13
+  assert not np.allclose(first.losses[10:13], resumed.losses[:3], rtol=1e-4)
+
+
 def test_bad_train_config_is_rejected_with_the_field_named(tmp_path):
   with pytest.raises(ValueError, match='train.workdir is empty'):
     validate_train_config(toy_train_config(''))

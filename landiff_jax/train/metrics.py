@@ -25,8 +25,23 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
   return scalars
 
 
+def drop_records_after(path: str, step: int) -> None:
+  """Removes records of steps > `step` from a metrics file: a resumed run logs those steps again."""
+  if not os.path.isfile(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    lines = [line for line in f if line.strip() and json.loads(line).get('step', 0) <= step]
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.writelines(lines)
+  os.replace(tmp, path)
+
+
 class MetricsWriter:
-  """Writes one record per logged step. Only the writing process (process 0) touches files."""
+  """Writes one record per logged step. Only the writing process (process 0) touches files.
+
+  Records after `initial_step` (left by a run that crashed after its last checkpoint) are dropped on open.
+  """
 
   def __init__(self, workdir: str, *, total_steps: int, initial_step: int, progress: bool, enabled: bool = True):
     self.enabled = enabled
@@ -34,7 +49,9 @@ class MetricsWriter:
     self._tensorboard = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a', encoding='utf-8')
+      metrics_path = os.path.join(workdir, METRICS_FILE)
+      drop_records_after(metrics_path, initial_step)
+      self._jsonl = open(metrics_path, 'a', encoding='utf-8')
       self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
     show_bar = enabled and progress and sys.stderr.isatty()
     self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, disable=not show_bar, unit='step',
