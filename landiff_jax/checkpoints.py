@@ -24,9 +24,8 @@ CONFIG_FILE = 'config.json'
 PARAMS_DIR = 'params'
 
 # part name → 'module:function' that builds the linen module from its config section (imported lazily).
-MODEL_BUILDERS = {
-    'vae': 'landiff_jax.models.vae:build_model',
-}
+# Each model issue registers its part here when its model file lands.
+MODEL_BUILDERS: dict[str, str] = {}
 
 
 class CheckpointError(ValueError):
