@@ -214,9 +214,13 @@ def vae_config():
           scaling_factor=1.15258426,
           temporal_compression=4,
           spatial_compression=8,
-          # Decode 13 latent frames as [0:3], [3:5], ..., [11:13] (§6.3): first chunk 3, then 2.
-          decode_first_chunk=3,
-          decode_chunk=2,
+          # The release decodes in chunks of 2 latent frames and encodes in chunks of 8 video frames, the remainder
+          # folded into the first chunk (13 latents → [0:3], [3:5], ..., [11:13]; reference §6.3). GroupNorm
+          # statistics are per chunk, so these are part of the numerics.
+          decode_chunk_frames=2,
+          encode_chunk_frames=8,
+          # False for decoder-only model directories (`landiff-jax convert vae --decoder-only`): enough to generate.
+          with_encoder=True,
       ))
 
 

@@ -25,7 +25,9 @@ PARAMS_DIR = 'params'
 
 # part name → 'module:function' that builds the linen module from its config section (imported lazily).
 # Each model issue registers its part here when its model file lands.
-MODEL_BUILDERS: dict[str, str] = {}
+MODEL_BUILDERS: dict[str, str] = {
+    'vae': 'landiff_jax.models.vae:build_vae',
+}
 
 
 class CheckpointError(ValueError):

@@ -68,9 +68,78 @@ def cmd_devices(args, config) -> int:
   return 0
 
 
+# part → ('module:function' converting {name: array} + the part's config section into params, config section).
+CONVERTERS = {
+    'vae': ('landiff_jax.convert.vae:convert_vae', 'vae'),
+}
+
+
+def cmd_convert(args, config) -> int:
+  """Converts one part of the official release into a landiff-jax model directory."""
+  import importlib
+  import os
+  import time
+
+  import jax
+
+  from landiff_jax import checkpoints
+  from landiff_jax.convert import ConversionError, io
+
+  if os.path.exists(args.dst) and not args.overwrite:
+    print(f'landiff-jax: error: {args.dst} already exists; choose another --dst or pass --overwrite.',
+          file=sys.stderr)
+    return 2
+  if args.decoder_only and args.part != 'vae':
+    print(f'landiff-jax: error: --decoder-only applies to the vae only, not to {args.part}.', file=sys.stderr)
+    return 2
+  function_path, section = CONVERTERS[args.part]
+  module_name, function_name = function_path.split(':')
+  convert_fn = getattr(importlib.import_module(module_name), function_name)
+  start = time.perf_counter()
+  try:
+    state_dict = io.load_state_dict(args.src)
+    print(f'read {len(state_dict)} tensors from {args.src}')
+    part_config = config[section].copy_and_resolve_references()
+    options = {}
+    if args.decoder_only:
+      options['decoder_only'] = True
+      part_config.with_encoder = False
+    params = convert_fn(state_dict, part_config, **options)
+    dst = checkpoints.save(args.dst, part=args.part, config=part_config, params=params,
+                           overwrite=args.overwrite, source=os.path.abspath(args.src))
+  except (ConversionError, checkpoints.CheckpointError) as e:
+    print(f'landiff-jax: error: {e}', file=sys.stderr)
+    return 1
+  count = sum(x.size for x in jax.tree.leaves(params))
+  print(f'wrote {args.part} ({count:,} parameters) to {dst} in {time.perf_counter() - start:.1f} s')
+  return 0
+
+
+def cmd_bench(args, config) -> int:
+  """Runs one benchmark and prints its result as JSON (also written to --out)."""
+  import importlib
+
+  from landiff_jax.bench import BENCHMARKS
+
+  module_name, function_name = BENCHMARKS[args.name].split(':')
+  try:
+    result = getattr(importlib.import_module(module_name), function_name)(config, args)
+  except ValueError as e:
+    print(f'landiff-jax: error: {e}', file=sys.stderr)
+    return 2
+  text = json.dumps(result, indent=2)
+  print(text)
+  if args.out:
+    with open(args.out, 'w') as f:
+      f.write(text + '\n')
+  return 0
+
+
 COMMANDS = {
     'config': (cmd_config, 'print the resolved config (with --config.* overrides applied)'),
     'devices': (cmd_devices, 'list devices and the device mesh built from the config'),
+    'convert': (cmd_convert, 'convert a part of the official PyTorch release into a landiff-jax model directory'),
+    'bench': (cmd_bench, 'time a model at the configured size (peak memory too), next to the PyTorch reference'),
 }
 
 
@@ -86,6 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flag(command)
     if name == 'config':
       command.add_argument('--json', action='store_true', help='print as JSON')
+    if name == 'convert':
+      command.add_argument('part', choices=sorted(CONVERTERS), help='which part of the release to convert')
+      command.add_argument('--src', required=True, help='official checkpoint file or directory')
+      command.add_argument('--dst', required=True, help='model directory to write')
+      command.add_argument('--overwrite', action='store_true', help='replace an existing --dst')
+      command.add_argument('--decoder-only', action='store_true',
+                           help='vae: convert only the decoder (enough to generate videos)')
+    if name == 'bench':
+      from landiff_jax.bench import BENCHMARKS
+      command.add_argument('name', choices=sorted(BENCHMARKS), help='what to benchmark')
+      command.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float32'])
+      command.add_argument('--batch', type=int, default=1)
+      command.add_argument('--latent-frames', type=int, default=13, help='vae: latent frames to decode')
+      command.add_argument('--repeats', type=int, default=3, help='timed calls after the first (compiling) one')
+      command.add_argument('--no-reference', dest='reference', action='store_false',
+                           help='skip the PyTorch reference run')
+      command.add_argument('--out', default='', help='also write the JSON result to this file')
   return parser
 
 

@@ -1,0 +1,528 @@
+"""CogVideoX 3D causal VAE (reference landiff-official.md §6, cogvideox-theia-t5.md §3), channels last.
+
+Every temporal convolution is causal: k−1 frames are padded in front only — copies of the first frame on a
+video's first chunk, and afterwards the last k−1 padded-input frames of the previous chunk (its *cache*).
+Videos are processed chunk by chunk with those caches carried over, exactly as the release does, and the
+chunking is part of the numerics: GroupNorm statistics are taken over one chunk's frames only. A decode of
+13 latent frames therefore runs on [0:3], [3:5], …, [11:13] (see `latent_chunks`).
+
+`decode(model, params, latents)` and `encode(model, params, video)` are the entry points: both are jit-compiled,
+run the first chunk directly and the remaining equal-sized chunks in one `lax.scan`, so the activations held at
+once do not grow with the video's length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Cache = dict[str, Any]
+
+CONV_KERNEL_AXES_3D = ('kernel', 'kernel', 'kernel', 'conv_in', 'conv_out')
+CONV_KERNEL_AXES_2D = ('kernel', 'kernel', 'conv_in', 'conv_out')
+# PyTorch's default convolution initialisation: uniform(±1/sqrt(fan_in)).
+torch_default_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+
+
+def _bias(module: nn.Module, features: int) -> Array:
+  return module.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('conv_out',)), (features,),
+                      jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resampling helpers
+
+
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+  """Source index of each output position for PyTorch's `interpolate(mode='nearest', size=...)`."""
+  if in_size == out_size:
+    return np.arange(out_size)
+  scale = np.float32(in_size) / np.float32(out_size)
+  return np.minimum(np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64), in_size - 1)
+
+
+def nearest_resize(x: Array, size: Sequence[int]) -> Array:
+  """Nearest-neighbour resize of axes 1..len(size) of a channels-last tensor; integer factors become repeats."""
+  for axis, out_size in enumerate(size, start=1):
+    in_size = x.shape[axis]
+    if out_size == in_size:
+      continue
+    if out_size % in_size == 0:
+      x = jnp.repeat(x, out_size // in_size, axis=axis)
+    else:
+      x = jnp.take(x, nearest_indices(in_size, out_size), axis=axis)
+  return x
+
+
+def resize_latents_like(z: Array, frames: int, height: int, width: int) -> Array:
+  """The latent chunk resized to a feature map's (T, H, W); frame 0 is resized on its own when T is odd and > 1."""
+  if frames > 1 and frames % 2 == 1:
+    first = nearest_resize(z[:, :1], (1, height, width))
+    rest = nearest_resize(z[:, 1:], (frames - 1, height, width))
+    return jnp.concatenate([first, rest], axis=1)
+  return nearest_resize(z, (frames, height, width))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layers
+
+
+class CausalConv3d(nn.Module):
+  """Conv3d with k−1 frames of causal front padding (first-frame copies, or the previous chunk's cache)."""
+  features: int
+  kernel_size: int = 3
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array, cache: Array | None = None) -> tuple[Array, Array | None]:
+    k = self.kernel_size
+    kernel = self.param('kernel', nn.with_logical_partitioning(torch_default_init, CONV_KERNEL_AXES_3D),
+                        (k, k, k, x.shape[-1], self.features), jnp.float32)
+    bias = _bias(self, self.features)
+    x = x.astype(self.dtype)
+    new_cache = None
+    if k > 1:
+      front = jnp.repeat(x[:, :1], k - 1, axis=1) if cache is None else cache.astype(self.dtype)
+      x = jnp.concatenate([front, x], axis=1)
+      new_cache = x[:, -(k - 1):]
+    pad = k // 2
+    y = lax.conv_general_dilated(x, kernel.astype(self.dtype), window_strides=(1, 1, 1),
+                                 padding=((0, 0), (pad, pad), (pad, pad)),
+                                 dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'), precision=self.precision)
+    return y + bias.astype(self.dtype), new_cache
+
+
+class PointwiseConv(nn.Module):
+  """A 1×1×1 convolution (a per-position dense layer); PyTorch stores it as an (out, in, 1, 1, 1) Conv3d."""
+  features: int
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param('kernel', nn.with_logical_partitioning(torch_default_init, ('conv_in', 'conv_out')),
+                        (x.shape[-1], self.features), jnp.float32)
+    bias = _bias(self, self.features)
+    y = jnp.einsum('...i,io->...o', x.astype(self.dtype), kernel.astype(self.dtype), precision=self.precision)
+    return y + bias.astype(self.dtype)
+
+
+class FrameConv2d(nn.Module):
+  """A Conv2d applied to every frame independently (the VAE's resampling convolutions)."""
+  features: int
+  stride: int = 1
+  padding: tuple[tuple[int, int], tuple[int, int]] = ((1, 1), (1, 1))
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param('kernel', nn.with_logical_partitioning(torch_default_init, CONV_KERNEL_AXES_2D),
+                        (3, 3, x.shape[-1], self.features), jnp.float32)
+    bias = _bias(self, self.features)
+    b, t = x.shape[:2]
+    frames = x.reshape((b * t,) + x.shape[2:]).astype(self.dtype)
+    y = lax.conv_general_dilated(frames, kernel.astype(self.dtype), window_strides=(self.stride, self.stride),
+                                 padding=self.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                 precision=self.precision)
+    y = y + bias.astype(self.dtype)
+    return y.reshape((b, t) + y.shape[1:])
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm over (T, H, W, channels of the group), statistics in fp32 (PyTorch's biased variance)."""
+  num_groups: int
+  eps: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    channels = x.shape[-1]
+    if channels % self.num_groups:
+      raise ValueError(f'GroupNorm {self.name!r}: {channels} channels are not divisible into {self.num_groups} groups.')
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones_init(), ('norm',)), (channels,),
+                       jnp.float32)
+    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('norm',)), (channels,),
+                      jnp.float32)
+    grouped = x.astype(jnp.float32).reshape(x.shape[0], -1, self.num_groups, channels // self.num_groups)
+    mean = grouped.mean(axis=(1, 3), keepdims=True)
+    var = jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
+    normed = ((grouped - mean) * lax.rsqrt(var + self.eps)).reshape(x.shape)
+    return (normed * scale + bias).astype(self.dtype)
+
+
+class SpatialNorm3D(nn.Module):
+  """GroupNorm(f) · conv_y(z') + conv_b(z'), z' the latent chunk resized to f (no "1 +").
+
+  conv_y and conv_b are 1×1×1, so they commute with the nearest resize: they run at latent resolution and the
+  result is resized, which gives the same values at a fraction of the cost.
+  """
+  features: int
+  num_groups: int
+  eps: float = 1e-6
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, f: Array, z: Array) -> Array:
+    conv = functools.partial(PointwiseConv, self.features, dtype=self.dtype, precision=self.precision)
+    gain = resize_latents_like(conv(name='conv_y')(z), *f.shape[1:4])
+    shift = resize_latents_like(conv(name='conv_b')(z), *f.shape[1:4])
+    normed = GroupNorm(self.num_groups, self.eps, dtype=self.dtype, name='norm_layer')(f)
+    return normed * gain + shift
+
+
+class ResnetBlock3D(nn.Module):
+  """norm → SiLU → causal conv, twice, plus a 1×1×1 shortcut when the width changes.
+
+  With `spatial_norm` (the decoder) the norms are SpatialNorm3D conditioned on the latent chunk `z`.
+  """
+  features: int
+  num_groups: int
+  eps: float = 1e-6
+  spatial_norm: bool = False
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  def norm(self, name: str, x: Array, z: Array | None) -> Array:
+    if self.spatial_norm:
+      return SpatialNorm3D(self.features if name == 'norm2' else x.shape[-1], self.num_groups, self.eps,
+                           dtype=self.dtype, precision=self.precision, name=name)(x, z)
+    return GroupNorm(self.num_groups, self.eps, dtype=self.dtype, name=name)(x)
+
+  @nn.compact
+  def __call__(self, x: Array, z: Array | None, cache: Cache | None) -> tuple[Array, Cache]:
+    cache = cache or {}
+    conv = functools.partial(CausalConv3d, self.features, 3, dtype=self.dtype, precision=self.precision)
+    h = nn.silu(self.norm('norm1', x, z))
+    h, cache1 = conv(name='conv1')(h, cache.get('conv1'))
+    h = nn.silu(self.norm('norm2', h, z))
+    h, cache2 = conv(name='conv2')(h, cache.get('conv2'))
+    if x.shape[-1] != self.features:
+      x = PointwiseConv(self.features, dtype=self.dtype, precision=self.precision, name='conv_shortcut')(x)
+    return h + x.astype(h.dtype), {'conv1': cache1, 'conv2': cache2}
+
+
+class Upsample3D(nn.Module):
+  """Nearest ×2 (in time too when `compress_time`, frame 0 kept single when T is odd), then a per-frame 3×3 conv."""
+  features: int
+  compress_time: bool
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    b, t, h, w, _ = x.shape
+    if self.compress_time and t > 1 and t % 2 == 1:
+      first = nearest_resize(x[:, :1], (1, 2 * h, 2 * w))
+      rest = nearest_resize(x[:, 1:], (2 * (t - 1), 2 * h, 2 * w))
+      x = jnp.concatenate([first, rest], axis=1)
+    elif self.compress_time and t > 1:
+      x = nearest_resize(x, (2 * t, 2 * h, 2 * w))
+    else:
+      x = nearest_resize(x, (t, 2 * h, 2 * w))
+    return FrameConv2d(self.features, dtype=self.dtype, precision=self.precision, name='conv')(x)
+
+
+class Downsample3D(nn.Module):
+  """Average pairs of frames (frame 0 kept single when T is odd) when `compress_time`, then a stride-2 3×3 conv
+  with one row/column of zero padding at the bottom/right."""
+  features: int
+  compress_time: bool
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    if self.compress_time and x.shape[1] > 1:
+      first, rest = (x[:, :1], x[:, 1:]) if x.shape[1] % 2 else (x[:, :0], x)
+      pooled = (rest[:, 0::2] + rest[:, 1::2]) / 2
+      x = jnp.concatenate([first, pooled], axis=1)
+    return FrameConv2d(self.features, stride=2, padding=((0, 1), (0, 1)), dtype=self.dtype,
+                       precision=self.precision, name='conv')(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Encoder and decoder
+
+
+class Encoder3D(nn.Module):
+  """Video chunk [B, T, H, W, 3] → posterior moments [B, T', H/8, W/8, 2·latent] (mean, then log-variance)."""
+  latent_channels: int
+  block_channels: tuple[int, ...]
+  num_res_blocks: int
+  num_groups: int
+  eps: float
+  temporal_compress_levels: int
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array, cache: Cache | None = None) -> tuple[Array, Cache]:
+    cache = cache or {}
+    new: Cache = {}
+    common = dict(dtype=self.dtype, precision=self.precision)
+    h, new['conv_in'] = CausalConv3d(self.block_channels[0], **common, name='conv_in')(x, cache.get('conv_in'))
+    for i, channels in enumerate(self.block_channels):
+      block_cache = cache.get(f'down_blocks_{i}', {})
+      new_block: Cache = {}
+      for j in range(self.num_res_blocks):
+        h, new_block[f'resnets_{j}'] = ResnetBlock3D(channels, self.num_groups, self.eps, **common,
+                                                     name=f'down_blocks_{i}_resnets_{j}')(
+                                                         h, None, block_cache.get(f'resnets_{j}'))
+      if i < len(self.block_channels) - 1:
+        h = Downsample3D(channels, i < self.temporal_compress_levels, **common, name=f'down_blocks_{i}_downsampler')(h)
+      new[f'down_blocks_{i}'] = new_block
+    mid_cache = cache.get('mid_block', {})
+    new['mid_block'] = {}
+    for j in range(2):
+      h, new['mid_block'][f'resnets_{j}'] = ResnetBlock3D(self.block_channels[-1], self.num_groups, self.eps, **common,
+                                                          name=f'mid_block_resnets_{j}')(
+                                                              h, None, mid_cache.get(f'resnets_{j}'))
+    h = nn.silu(GroupNorm(self.num_groups, self.eps, dtype=self.dtype, name='norm_out')(h))
+    h, new['conv_out'] = CausalConv3d(2 * self.latent_channels, **common, name='conv_out')(h, cache.get('conv_out'))
+    return h, new
+
+
+class Decoder3D(nn.Module):
+  """Latent chunk z [B, T, h, w, latent] (unscaled) → video chunk [B, T', 8h, 8w, 3] in about [−1, 1]."""
+  out_channels: int
+  block_channels: tuple[int, ...]
+  num_res_blocks: int
+  num_groups: int
+  eps: float
+  temporal_compress_levels: int
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, z: Array, cache: Cache | None = None) -> tuple[Array, Cache]:
+    cache = cache or {}
+    new: Cache = {}
+    common = dict(dtype=self.dtype, precision=self.precision)
+    widths = tuple(reversed(self.block_channels))
+    resnet = functools.partial(ResnetBlock3D, num_groups=self.num_groups, eps=self.eps, spatial_norm=True, **common)
+    h, new['conv_in'] = CausalConv3d(widths[0], **common, name='conv_in')(z, cache.get('conv_in'))
+    mid_cache = cache.get('mid_block', {})
+    new['mid_block'] = {}
+    for j in range(2):
+      h, new['mid_block'][f'resnets_{j}'] = resnet(widths[0], name=f'mid_block_resnets_{j}')(
+          h, z, mid_cache.get(f'resnets_{j}'))
+    for i, channels in enumerate(widths):
+      block_cache = cache.get(f'up_blocks_{i}', {})
+      new_block: Cache = {}
+      for j in range(self.num_res_blocks + 1):
+        h, new_block[f'resnets_{j}'] = resnet(channels, name=f'up_blocks_{i}_resnets_{j}')(
+            h, z, block_cache.get(f'resnets_{j}'))
+      if i < len(widths) - 1:
+        h = Upsample3D(channels, i < self.temporal_compress_levels, **common, name=f'up_blocks_{i}_upsampler')(h)
+      new[f'up_blocks_{i}'] = new_block
+    h = nn.silu(SpatialNorm3D(widths[-1], self.num_groups, self.eps, **common, name='norm_out')(h, z))
+    h, new['conv_out'] = CausalConv3d(self.out_channels, **common, name='conv_out')(h, cache.get('conv_out'))
+    return h, new
+
+
+class CogVideoXVAE(nn.Module):
+  """The VAE's parameters and per-chunk computations; use `encode` / `decode` below for whole videos."""
+  in_channels: int = 3
+  latent_channels: int = 16
+  channels: int = 128
+  channel_mult: tuple[int, ...] = (1, 2, 2, 4)
+  num_res_blocks: int = 3
+  num_groups: int = 32
+  norm_eps: float = 1e-6
+  temporal_compression: int = 4
+  scaling_factor: float = 1.15258426
+  decode_chunk_frames: int = 2
+  encode_chunk_frames: int = 8
+  with_encoder: bool = True
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @property
+  def spatial_compression(self) -> int:
+    return 2 ** (len(self.channel_mult) - 1)
+
+  def setup(self):
+    block_channels = tuple(self.channels * m for m in self.channel_mult)
+    levels = int(np.log2(self.temporal_compression))
+    common = dict(block_channels=block_channels, num_res_blocks=self.num_res_blocks, num_groups=self.num_groups,
+                  eps=self.norm_eps, temporal_compress_levels=levels, dtype=self.dtype, precision=self.precision)
+    if self.with_encoder:
+      self.encoder = Encoder3D(self.latent_channels, **common)
+    self.decoder = Decoder3D(self.in_channels, **common)
+
+  def encode_chunk(self, video: Array, cache: Cache | None = None) -> tuple[Array, Cache]:
+    return self.encoder(video, cache)
+
+  def decode_chunk(self, z: Array, cache: Cache | None = None) -> tuple[Array, Cache]:
+    return self.decoder(z, cache)
+
+  def __call__(self, video: Array) -> Array:
+    """One-chunk autoencoding through the posterior mean (used to initialise every parameter)."""
+    moments, _ = self.encode_chunk(video)
+    return self.decode_chunk(moments[..., :self.latent_channels])[0]
+
+  def init_params(self, rng: Array) -> Any:
+    """Parameters for this configuration (decoder only when `with_encoder` is False)."""
+    s = self.spatial_compression
+    if self.with_encoder:
+      return self.init(rng, jnp.zeros((1, 1, s, s, self.in_channels)))
+    return self.init(rng, jnp.zeros((1, 1, 1, 1, self.latent_channels)), method=CogVideoXVAE.decode_chunk)
+
+
+def build_vae(config: Any, *, dtype: Any = jnp.float32, with_encoder: bool | None = None,
+              precision: Any = None) -> CogVideoXVAE:
+  """The VAE of a config section (`configs/landiff_official.py: vae_config`)."""
+  if with_encoder is None:
+    with_encoder = bool(config.get('with_encoder', True))
+  return CogVideoXVAE(
+      in_channels=int(config.in_channels), latent_channels=int(config.latent_channels), channels=int(config.channels),
+      channel_mult=tuple(int(m) for m in config.channel_mult), num_res_blocks=int(config.num_res_blocks),
+      num_groups=int(config.num_groups), norm_eps=float(config.norm_eps),
+      temporal_compression=int(config.temporal_compression), scaling_factor=float(config.scaling_factor),
+      decode_chunk_frames=int(config.decode_chunk_frames), encode_chunk_frames=int(config.encode_chunk_frames),
+      with_encoder=with_encoder, dtype=jnp.dtype(dtype), precision=precision)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Whole videos
+
+
+def latent_chunks(num_frames: int, chunk_frames: int) -> list[tuple[int, int]]:
+  """The release's chunks: `chunk_frames` each, the remainder folded into the first chunk (13, 2 → [0:3], [3:5], …)."""
+  if num_frames < 1:
+    raise ValueError(f'cannot split {num_frames} frames into chunks; the time axis must not be empty.')
+  count = max(num_frames // chunk_frames, 1)
+  remainder = num_frames % chunk_frames
+  spans = []
+  for i in range(count):
+    start = 0 if i == 0 else chunk_frames * i + remainder
+    spans.append((start, min(chunk_frames * (i + 1) + remainder, num_frames)))
+  return spans
+
+
+def decoded_frames(num_latent_frames: int, temporal_compression: int = 4, chunk_frames: int = 2) -> int:
+  """RGB frames a decode returns: 1 + 4·(T−1) when the first chunk has an odd length (every odd T), else 4·T."""
+  first = latent_chunks(num_latent_frames, chunk_frames)[0][1]
+  first_out = 1 + temporal_compression * (first - 1) if first % 2 else temporal_compression * first
+  return first_out + temporal_compression * (num_latent_frames - first)
+
+
+def _run_chunks(apply_chunk, x: Array, chunk_frames: int) -> Array:
+  """Runs `apply_chunk(chunk, cache) -> (out, cache)` over the release's chunks along axis 1; concatenates outputs."""
+  spans = latent_chunks(x.shape[1], chunk_frames)
+  first_stop = spans[0][1]
+  out, cache = apply_chunk(x[:, :first_stop], None)
+  if len(spans) == 1:
+    return out
+  rest = x[:, first_stop:]
+  rest = rest.reshape((rest.shape[0], len(spans) - 1, chunk_frames) + rest.shape[2:]).swapaxes(0, 1)
+
+  def step(cache, chunk):
+    chunk_out, cache = apply_chunk(chunk, cache)
+    return cache, chunk_out
+
+  _, outs = lax.scan(step, cache, rest)
+  outs = outs.swapaxes(0, 1)
+  outs = outs.reshape((outs.shape[0], -1) + outs.shape[3:])
+  return jnp.concatenate([out, outs.astype(out.dtype)], axis=1)
+
+
+def check_latents(model: CogVideoXVAE, latents: Any) -> None:
+  shape = tuple(latents.shape)
+  if len(shape) != 5:
+    raise ValueError(f'latents must be [batch, frames, height, width, {model.latent_channels}] (channels last); '
+                     f'got shape {shape}.')
+  if shape[-1] != model.latent_channels:
+    hint = ' They look channels-first: transpose to [B, T, h, w, C].' if shape[1] == model.latent_channels else ''
+    raise ValueError(f'latents have {shape[-1]} channels but this VAE takes {model.latent_channels}.{hint}')
+  if shape[1] == 0:
+    raise ValueError('latents have an empty time axis; pass at least one latent frame.')
+  if 0 in shape:
+    raise ValueError(f'latents have an empty axis: shape {shape}.')
+
+
+def check_video(model: CogVideoXVAE, video: Any) -> None:
+  shape = tuple(video.shape)
+  if len(shape) != 5:
+    raise ValueError(f'video must be [batch, frames, height, width, {model.in_channels}] (channels last); '
+                     f'got shape {shape}.')
+  if shape[-1] != model.in_channels:
+    hint = ' It looks channels-first: transpose to [B, T, H, W, C].' if shape[1] == model.in_channels else ''
+    raise ValueError(f'video has {shape[-1]} channels but this VAE takes {model.in_channels}.{hint}')
+  if shape[1] == 0:
+    raise ValueError('video has an empty time axis; pass at least one frame.')
+  s = model.spatial_compression
+  if shape[2] % s or shape[3] % s or 0 in shape:
+    raise ValueError(f'video height and width must be positive multiples of {s}; got {shape[2]}×{shape[3]}. '
+                     f'Resize or crop it, e.g. to {max(s, shape[2] // s * s)}×{max(s, shape[3] // s * s)}.')
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _decode(model: CogVideoXVAE, params: Any, latents: Array) -> Array:
+  z = latents.astype(jnp.float32) / model.scaling_factor
+
+  def apply_chunk(chunk, cache):
+    return model.apply(params, chunk, cache, method=CogVideoXVAE.decode_chunk)
+
+  return _run_chunks(apply_chunk, z.astype(model.dtype), model.decode_chunk_frames).astype(jnp.float32)
+
+
+def decode(model: CogVideoXVAE, params: Any, latents: Array) -> Array:
+  """Scaled latents [B, T, h, w, C] → video [B, 1+4(T−1), 8h, 8w, 3] (float32, about [−1, 1]), in the release's
+  chunks with the causal caches carried over."""
+  check_latents(model, latents)
+  return _decode(model, params, latents)
+
+
+def decode_with_chunks(model: CogVideoXVAE, params: Any, latents: Array, spans: Sequence[tuple[int, int]]) -> Array:
+  """Decodes with an explicit chunk list (e.g. [(0, 3), (3, 5), …]), one jit call per chunk; for tests and tools."""
+  check_latents(model, latents)
+  z = (latents.astype(jnp.float32) / model.scaling_factor).astype(model.dtype)
+  step = jax.jit(lambda p, chunk, cache: model.apply(p, chunk, cache, method=CogVideoXVAE.decode_chunk))
+  cache, outs = None, []
+  for start, stop in spans:
+    out, cache = step(params, z[:, start:stop], cache)
+    outs.append(out.astype(jnp.float32))
+  return jnp.concatenate(outs, axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _encode_moments(model: CogVideoXVAE, params: Any, video: Array) -> Array:
+
+  def apply_chunk(chunk, cache):
+    return model.apply(params, chunk, cache, method=CogVideoXVAE.encode_chunk)
+
+  return _run_chunks(apply_chunk, video.astype(model.dtype), model.encode_chunk_frames).astype(jnp.float32)
+
+
+def encode_moments(model: CogVideoXVAE, params: Any, video: Array) -> tuple[Array, Array]:
+  """The diagonal Gaussian posterior of a video [B, F, H, W, 3] in [−1, 1]: (mean, log-variance clipped to
+  [−30, 20]), unscaled, each [B, T, H/8, W/8, C]."""
+  check_video(model, video)
+  if not model.with_encoder or 'encoder' not in params.get('params', {}):
+    raise ValueError('these VAE parameters have no encoder (converted with --decoder-only); convert the VAE '
+                     'again without --decoder-only to encode videos.')
+  moments = _encode_moments(model, params, video)
+  mean, logvar = jnp.split(moments, 2, axis=-1)
+  return mean, jnp.clip(logvar, -30.0, 20.0)
+
+
+def encode(model: CogVideoXVAE, params: Any, video: Array, key: Array | None = None) -> Array:
+  """Video [B, 1+4k, H, W, 3] in [−1, 1] → scaled latents [B, 1+k, H/8, W/8, C]: the posterior mean, or a
+  sample from the posterior when `key` is given (as the release's training data pipeline does)."""
+  mean, logvar = encode_moments(model, params, video)
+  z = mean
+  if key is not None:
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+  return z * model.scaling_factor
