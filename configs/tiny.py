@@ -42,7 +42,7 @@ def get_config():
   config.t5_lm.max_length = 16
   config.t5_dit.max_length = 8
 
-  config.dit.update(dict(num_layers=3, hidden_size=32, num_heads=2, head_dim=16, mlp_dim=64, time_embed_dim=16,
+  config.dit.update(dict(num_layers=3, hidden_size=32, num_heads=2, head_dim=16, mlp_dim=128, time_embed_dim=16,
                          time_freq_dim=32, in_channels=4, out_channels=4, text_length=8, text_dim=24,
                          latent_frames=3, latent_height=4, latent_width=6))
   config.control.num_layers = 2

@@ -26,6 +26,7 @@ PARAMS_DIR = 'params'
 # part name → 'module:function' that builds the linen module from its config section (imported lazily).
 # Each model issue registers its part here when its model file lands.
 MODEL_BUILDERS: dict[str, str] = {
+    'dit': 'landiff_jax.models.dit:build_dit',
     'vae': 'landiff_jax.models.vae:build_vae',
 }
 

@@ -71,6 +71,7 @@ def cmd_devices(args, config) -> int:
 # part → ('module:function' converting {name: array} + the part's config section into params, config section).
 CONVERTERS = {
     'vae': ('landiff_jax.convert.vae:convert_vae', 'vae'),
+    'dit': ('landiff_jax.convert.dit:convert_dit', ('dit', 'control')),
 }
 
 
@@ -81,6 +82,7 @@ def cmd_convert(args, config) -> int:
   import time
 
   import jax
+  import ml_collections
 
   from landiff_jax import checkpoints
   from landiff_jax.convert import ConversionError, io
@@ -99,8 +101,16 @@ def cmd_convert(args, config) -> int:
   try:
     state_dict = io.load_state_dict(args.src)
     print(f'read {len(state_dict)} tensors from {args.src}')
-    part_config = config[section].copy_and_resolve_references()
+    if isinstance(section, tuple):
+      part_config = ml_collections.ConfigDict({name: config[name].to_dict() for name in section})
+    else:
+      part_config = config[section].copy_and_resolve_references()
     options = {}
+    if args.base:
+      if args.part != 'dit':
+        raise ConversionError(f'--base applies to the dit only, not to {args.part}.')
+      options['base_state_dict'] = io.load_state_dict(args.base)
+      print(f'read {len(options["base_state_dict"])} tensors from {args.base}')
     if args.decoder_only:
       options['decoder_only'] = True
       part_config.with_encoder = False
@@ -162,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
       command.add_argument('--overwrite', action='store_true', help='replace an existing --dst')
       command.add_argument('--decoder-only', action='store_true',
                            help='vae: convert only the decoder (enough to generate videos)')
+      command.add_argument('--base', default='',
+                           help='dit: the CogVideoX-2B SAT checkpoint that tensors missing from --src (a LanDiff '
+                           'diffusion checkpoint) are read from, as the release loads them')
     if name == 'bench':
       from landiff_jax.bench import BENCHMARKS
       command.add_argument('name', choices=sorted(BENCHMARKS), help='what to benchmark')

@@ -1,0 +1,234 @@
+"""CogVideoX-2B SAT checkpoints (and LanDiff's engine checkpoint) → `models/dit.py` parameters.
+
+SAT names (cogvideox-theia-t5.md §1.4) map directly onto the Flax tree; the fused qkv and the 12-way adaLN stay
+single kernels, per-layer tensors are stacked along a leading layer axis. Prefixes:
+`model.diffusion_model.` (CogVideoX-2B), `model.main_model.diffusion_model.` and
+`model.control_model.diffusion_model.` (LanDiff). The stored `pos_embedding` is checked against the recomputed
+3D sin-cos table. A control branch missing from the file starts as the release's training initialisation: its
+embeddings and blocks copied from the backbone's first layers, zero linears at zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from landiff_jax.convert import ConversionError
+from landiff_jax.nn.embeddings import cogvideox_3d_sincos_table
+
+BACKBONE_PREFIXES = ('model.main_model.diffusion_model.', 'model.diffusion_model.', 'main_model.diffusion_model.',
+                     'diffusion_model.')
+CONTROL_PREFIXES = ('model.control_model.diffusion_model.', 'control_model.diffusion_model.')
+# Parts of the engine checkpoint that other converters handle.
+OTHER_PARTS = ('conditioner.', 'model.conditioner.', 'first_stage_model.', 'model.first_stage_model.', 'loss.')
+
+
+def _linear(weight: np.ndarray) -> np.ndarray:
+  return np.asarray(weight, np.float32).T
+
+
+def layer_rules(d: int, heads: int, head_dim: int) -> list[tuple[str, tuple[str, ...], Any]]:
+  """(SAT name pattern with {l}, Flax path under blocks/, transform) for the per-layer tensors."""
+  return [
+      ('mixins.adaln_layer.adaLN_modulations.{l}.1.weight', ('block', 'adaln', 'kernel'),
+       lambda w: _linear(w).reshape(w.shape[1], 12, d)),
+      ('mixins.adaln_layer.adaLN_modulations.{l}.1.bias', ('block', 'adaln', 'bias'), lambda b: b.reshape(12, d)),
+      ('mixins.adaln_layer.query_layernorm_list.{l}.weight', ('block', 'attn', 'q_norm', 'scale'), None),
+      ('mixins.adaln_layer.query_layernorm_list.{l}.bias', ('block', 'attn', 'q_norm', 'bias'), None),
+      ('mixins.adaln_layer.key_layernorm_list.{l}.weight', ('block', 'attn', 'k_norm', 'scale'), None),
+      ('mixins.adaln_layer.key_layernorm_list.{l}.bias', ('block', 'attn', 'k_norm', 'bias'), None),
+      ('transformer.layers.{l}.input_layernorm.weight', ('block', 'norm1', 'scale'), None),
+      ('transformer.layers.{l}.input_layernorm.bias', ('block', 'norm1', 'bias'), None),
+      ('transformer.layers.{l}.post_attention_layernorm.weight', ('block', 'norm2', 'scale'), None),
+      ('transformer.layers.{l}.post_attention_layernorm.bias', ('block', 'norm2', 'bias'), None),
+      ('transformer.layers.{l}.attention.query_key_value.weight', ('block', 'attn', 'qkv', 'kernel'),
+       lambda w: _linear(w).reshape(d, 3, heads, head_dim)),
+      ('transformer.layers.{l}.attention.query_key_value.bias', ('block', 'attn', 'qkv', 'bias'),
+       lambda b: b.reshape(3, heads, head_dim)),
+      ('transformer.layers.{l}.attention.dense.weight', ('block', 'attn', 'out', 'kernel'),
+       lambda w: _linear(w).reshape(heads, head_dim, d)),
+      ('transformer.layers.{l}.attention.dense.bias', ('block', 'attn', 'out', 'bias'), None),
+      ('transformer.layers.{l}.mlp.dense_h_to_4h.weight', ('block', 'mlp', 'fc1', 'kernel'), _linear),
+      ('transformer.layers.{l}.mlp.dense_h_to_4h.bias', ('block', 'mlp', 'fc1', 'bias'), None),
+      ('transformer.layers.{l}.mlp.dense_4h_to_h.weight', ('block', 'mlp', 'fc2', 'kernel'), _linear),
+      ('transformer.layers.{l}.mlp.dense_4h_to_h.bias', ('block', 'mlp', 'fc2', 'bias'), None),
+  ]
+
+
+def embedding_rules() -> list[tuple[str, tuple[str, ...], Any]]:
+  return [
+      ('time_embed.0.weight', ('time_embed', 'fc1', 'kernel'), _linear),
+      ('time_embed.0.bias', ('time_embed', 'fc1', 'bias'), None),
+      ('time_embed.2.weight', ('time_embed', 'fc2', 'kernel'), _linear),
+      ('time_embed.2.bias', ('time_embed', 'fc2', 'bias'), None),
+      ('mixins.patch_embed.proj.weight', ('patch_embed', 'kernel'), lambda w: np.transpose(w, (2, 3, 1, 0))),
+      ('mixins.patch_embed.proj.bias', ('patch_embed', 'bias'), None),
+      ('mixins.patch_embed.text_proj.weight', ('text_proj', 'kernel'), _linear),
+      ('mixins.patch_embed.text_proj.bias', ('text_proj', 'bias'), None),
+  ]
+
+
+def final_rules(d: int, channels: int, patch: int) -> list[tuple[str, tuple[str, ...], Any]]:
+  return [
+      ('transformer.final_layernorm.weight', ('final_layernorm', 'scale'), None),
+      ('transformer.final_layernorm.bias', ('final_layernorm', 'bias'), None),
+      ('mixins.final_layer.norm_final.weight', ('norm_final', 'scale'), None),
+      ('mixins.final_layer.norm_final.bias', ('norm_final', 'bias'), None),
+      ('mixins.final_layer.linear.weight', ('proj', 'kernel'), lambda w: _linear(w).reshape(d, channels, patch, patch)),
+      ('mixins.final_layer.linear.bias', ('proj', 'bias'), lambda b: b.reshape(channels, patch, patch)),
+      ('mixins.final_layer.adaLN_modulation.1.weight', ('adaln', 'kernel'),
+       lambda w: _linear(w).reshape(w.shape[1], 2, d)),
+      ('mixins.final_layer.adaLN_modulation.1.bias', ('adaln', 'bias'), lambda b: b.reshape(2, d)),
+  ]
+
+
+class _Reader:
+  """Takes tensors out of one sub-model's {name: array}, remembering what was used and what was missing."""
+
+  def __init__(self, tensors: Mapping[str, np.ndarray], label: str):
+    self.tensors, self.label = tensors, label
+    self.used: set[str] = set()
+    self.missing: list[str] = []
+
+  def take(self, name: str, transform=None) -> np.ndarray | None:
+    if name not in self.tensors:
+      self.missing.append(f'{self.label}{name}')
+      return None
+    self.used.add(name)
+    value = np.asarray(self.tensors[name], np.float32)
+    return np.ascontiguousarray(transform(value) if transform else value)
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _convert_transformer(reader: _Reader, dit: Any, num_layers: int, *, final: bool, zero_linears: bool) -> dict:
+  d, heads, head_dim = dit.hidden_size, dit.num_heads, dit.head_dim
+  tree: dict = {}
+  for name, path, transform in embedding_rules():
+    _set(tree, ('embed',) + path, reader.take(name, transform))
+  for pattern, path, transform in layer_rules(d, heads, head_dim):
+    layers = [reader.take(pattern.format(l=l), transform) for l in range(num_layers)]
+    _set(tree, ('blocks',) + path, None if any(x is None for x in layers) else np.stack(layers))
+  if zero_linears:
+    layers = [reader.take(f'mixins.adaln_layer.zero_linears.{l}.weight', _linear) for l in range(num_layers)]
+    _set(tree, ('blocks', 'zero_linear', 'kernel'), None if any(x is None for x in layers) else np.stack(layers))
+  if final:
+    for name, path, transform in final_rules(d, dit.out_channels, dit.patch_size):
+      _set(tree, ('final',) + path, reader.take(name, transform))
+  return tree
+
+
+def _check_position_table(tensors: Mapping[str, np.ndarray], dit: Any, label: str) -> None:
+  name = 'mixins.pos_embed.pos_embedding'
+  if name not in tensors:
+    return
+  stored = np.asarray(tensors[name], np.float32).reshape(-1, dit.hidden_size)
+  table = cogvideox_3d_sincos_table(dit.hidden_size, dit.latent_frames, dit.latent_height // dit.patch_size,
+                                    dit.latent_width // dit.patch_size, dit.spatial_interpolation,
+                                    dit.temporal_interpolation, text_length=dit.text_length)
+  if stored.shape != table.shape or not np.allclose(stored, table, atol=1e-5):
+    raise ConversionError(f'{label}{name} {tuple(stored.shape)} differs from the 3D sin-cos table recomputed from '
+                          f'the dit config {table.shape}; the config does not describe this checkpoint.')
+
+
+def split_by_prefix(state_dict: Mapping[str, np.ndarray], prefixes: tuple[str, ...]) -> tuple[dict, str]:
+  for prefix in prefixes:
+    part = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if part:
+      return part, prefix
+  return {}, ''
+
+
+def convert_dit(state_dict: Mapping[str, np.ndarray], config: Any, *,
+                base_state_dict: Mapping[str, np.ndarray] | None = None) -> dict:
+  """Parameters of `build_dit(config)` ({'dit', 'control'} config sections) from a SAT state dict.
+
+  `state_dict` is a CogVideoX-2B SAT checkpoint or LanDiff's engine checkpoint; `base_state_dict` (optional) is the
+  CogVideoX-2B checkpoint LanDiff's loader reads first: tensors absent from `state_dict` fall back to it, with the
+  control branch reading the base backbone's tensors, as the release's two-stage `strict=False` load does.
+  """
+  dit = config.dit
+  num_control = int(config.control.num_layers) if 'control' in config else 0
+  backbone, backbone_prefix = split_by_prefix(state_dict, BACKBONE_PREFIXES)
+  control, control_prefix = split_by_prefix(state_dict, CONTROL_PREFIXES)
+  base, base_prefix = split_by_prefix(base_state_dict or {}, BACKBONE_PREFIXES)
+  if not backbone and not base:
+    sample = ', '.join(list(state_dict)[:5])
+    raise ConversionError(f'no DiT tensors found: expected names starting with one of {BACKBONE_PREFIXES}; the file '
+                          f'starts with {sample}. Is this the CogVideoX-2B transformer or LanDiff diffusion checkpoint?')
+  merged_backbone = {**base, **backbone}
+  _check_position_table(merged_backbone, dit, backbone_prefix or base_prefix)
+  reader = _Reader(merged_backbone, backbone_prefix or base_prefix)
+  params = {'dit': _convert_transformer(reader, dit, int(dit.num_layers), final=True, zero_linears=False)}
+  readers = [reader]
+  if num_control:
+    control_reader = _Reader({**merged_backbone, **control}, control_prefix or CONTROL_PREFIXES[0])
+    control_tree = _convert_transformer(control_reader, dit, num_control, final=False, zero_linears=True)
+    if not control:  # not trained yet: the release's initialisation
+      control_tree['blocks']['zero_linear']['kernel'] = np.zeros((num_control, dit.hidden_size, dit.hidden_size),
+                                                                 np.float32)
+      control_reader.missing = [m for m in control_reader.missing if 'zero_linears' not in m]
+    _check_position_table(control, dit, control_prefix)
+    params['control'] = control_tree
+    readers.append(control_reader)
+  missing = [m for r in readers for m in r.missing]
+  unexpected = unexpected_names(state_dict, backbone_prefix, readers[0].used, control_prefix,
+                                readers[-1].used if num_control else set())
+  misshaped = _check_shapes(params, config)
+  if missing or unexpected or misshaped:
+    lines = [f'the DiT checkpoint does not match the config (hidden {dit.hidden_size}, {dit.num_layers} layers, '
+             f'{num_control} control layers):']
+    for title, items in (('missing', missing), ('unexpected', unexpected), ('wrong shape', misshaped)):
+      if items:
+        lines.append(f'  {len(items)} {title}: ' + ', '.join(items[:20]) + (' …' if len(items) > 20 else ''))
+    raise ConversionError('\n'.join(lines))
+  return {'params': params}
+
+
+def unexpected_names(state_dict, backbone_prefix, backbone_used, control_prefix, control_used) -> list[str]:
+  """Names the conversion did not use and no other converter owns (the position table is checked, not used)."""
+  skipped_everywhere = ('mixins.pos_embed.pos_embedding',)
+  skipped_in_control = ('transformer.final_layernorm.', 'semantic_conditioner.')  # discarded / upsampler's
+  out = []
+  for name in state_dict:
+    if name.startswith(OTHER_PARTS):
+      continue
+    if backbone_prefix and name.startswith(backbone_prefix):
+      rest = name[len(backbone_prefix):]
+      if rest not in backbone_used and not rest.startswith(skipped_everywhere):
+        out.append(name)
+    elif control_prefix and name.startswith(control_prefix):
+      rest = name[len(control_prefix):]
+      if rest not in control_used and not rest.startswith(skipped_everywhere + skipped_in_control):
+        out.append(name)
+    else:
+      out.append(name)
+  return out
+
+
+def _check_shapes(params: dict, config: Any) -> list[str]:
+  import jax
+
+  from landiff_jax.models.dit import build_dit
+  from landiff_jax.parallel import strip_partitioning
+
+  expected = strip_partitioning(jax.eval_shape(build_dit(config).init_params, jax.random.key(0)))['params']
+  problems = []
+
+  def compare(path, want, got):
+    name = '/'.join(str(getattr(p, 'key', p)) for p in path)
+    if got is not None and tuple(want.shape) != tuple(np.shape(got)):
+      problems.append(f'{name}: {tuple(np.shape(got))}, expected {tuple(want.shape)}')
+
+  flat_want = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+  flat_got = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)[0])
+  for path, want in flat_want.items():
+    if path in flat_got:
+      compare(path, want, flat_got[path])
+  return problems
