@@ -71,7 +71,7 @@ def cmd_devices(args, config) -> int:
 # part → ('module:function' converting {name: array} + the part's config section into params, config section).
 CONVERTERS = {
     'vae': ('landiff_jax.convert.vae:convert_vae', 'vae'),
-    'dit': ('landiff_jax.convert.dit:convert_dit', ('dit', 'control')),
+    'dit': ('landiff_jax.convert.dit:convert_dit', ('dit', 'control', 'upsampler')),
 }
 
 

@@ -75,6 +75,65 @@ def to_sat(model, prefix):
   return {prefix + k: v for k, v in out.items()}
 
 
+class TorchResnetBlock(torch.nn.Module):
+  def __init__(self, cin, cout, groups, eps):
+    super().__init__()
+    self.norm1, self.conv1 = torch.nn.GroupNorm(groups, cin, eps), torch.nn.Conv2d(cin, cout, 3, padding=1)
+    self.norm2, self.conv2 = torch.nn.GroupNorm(groups, cout, eps), torch.nn.Conv2d(cout, cout, 3, padding=1)
+    self.nin_shortcut = torch.nn.Conv2d(cin, cout, 1) if cin != cout else torch.nn.Identity()
+
+  def forward(self, x):
+    h = self.conv1(torch.nn.functional.silu(self.norm1(x)))
+    h = self.conv2(torch.nn.functional.silu(self.norm2(h)))
+    return self.nin_shortcut(x) + h
+
+
+class TorchSemanticCond(torch.nn.Module):
+  """The release's upsampler + conv_out (reference §5.5) restated with torch.nn layers, SAT parameter names."""
+
+  def __init__(self, c):
+    super().__init__()
+    widths = [int(c.channels * m) for m in c.channel_mult]
+    block = lambda cin, cout: TorchResnetBlock(cin, cout, c.num_groups, c.norm_eps)
+    model = torch.nn.Module()
+    model.conv_in = torch.nn.Conv2d(c.in_channels, widths[-1], 3, padding=1)
+    model.mid = torch.nn.Module()
+    model.mid.block_1, model.mid.block_2 = block(widths[-1], widths[-1]), block(widths[-1], widths[-1])
+    model.up = torch.nn.ModuleList()
+    for level, width in enumerate(widths):
+      up = torch.nn.Module()
+      cin = widths[level + 1] if level + 1 < len(widths) else widths[-1]
+      up.block = torch.nn.ModuleList([block(cin if j == 0 else width, width) for j in range(c.num_res_blocks + 1)])
+      if level:
+        up.upsample = torch.nn.Module()
+        up.upsample.conv = torch.nn.Conv2d(width // 4, width, 3, padding=1)
+      model.up.append(up)
+    model.norm_out = torch.nn.GroupNorm(c.num_groups, widths[0], c.norm_eps)
+    model.conv_out = torch.nn.Conv2d(widths[0], c.out_channels, 3, padding=1)
+    self.upsample_model = model
+    self.conv_out = torch.nn.Conv2d(c.out_channels, c.target_channels, 3, padding=1)
+
+  def forward(self, x):
+    m = self.upsample_model
+    h = m.mid.block_2(m.mid.block_1(m.conv_in(x)))
+    for level in reversed(range(len(m.up))):
+      for blk in m.up[level].block:
+        h = blk(h)
+      if level:
+        h = m.up[level].upsample.conv(torch.nn.functional.pixel_shuffle(h, 2))
+    return self.conv_out(m.conv_out(torch.nn.functional.silu(m.norm_out(h))))
+
+
+@pytest.fixture(scope='module')
+def semantic_reference(cfg):
+  torch.manual_seed(3)
+  model = TorchSemanticCond(cfg.upsampler).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      p.copy_(torch.randn_like(p) * 0.2 + (1.0 if 'norm' in name and name.endswith('weight') else 0.0))
+  return model
+
+
 @pytest.fixture(scope='module')
 def backbone(cfg):
   return make_reference(cfg, cfg.dit.num_layers, seed=0)
@@ -90,7 +149,7 @@ def control_reference(cfg):
 
 
 @pytest.fixture(scope='module')
-def files(backbone, control_reference, cfg, tmp_path_factory):
+def files(backbone, control_reference, semantic_reference, cfg, tmp_path_factory):
   root = tmp_path_factory.mktemp('dit')
   base = root / 'cogvideox-2b.pt'
   torch.save({'module': to_sat(backbone, 'model.diffusion_model.')}, base)
@@ -101,6 +160,9 @@ def files(backbone, control_reference, cfg, tmp_path_factory):
   engine = {k: v for k, v in engine.items() if 'control_model' not in k or 'final_layer' not in k}
   for l, z in enumerate(zero_linears):
     engine[f'model.control_model.diffusion_model.mixins.adaln_layer.zero_linears.{l}.weight'] = z
+  for name, value in semantic_reference.state_dict().items():
+    engine[f'model.control_model.diffusion_model.semantic_conditioner.{name}'] = value
+  engine['model.control_model.diffusion_model.semantic_conditioner.semantic_model.model.encoder.x'] = torch.zeros(1)
   engine['model.first_stage_model.decoder.conv_in.conv.weight'] = torch.zeros(1)
   landiff = root / 'landiff.pt'
   torch.save({'module': engine}, landiff)
@@ -178,6 +240,18 @@ def test_control_branch_matches_the_composition_of_diffusers_blocks(backbone, co
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
   without = np.asarray(model.apply(params, latents, t, text))
   assert np.abs(got - without).max() > 1e-2  # the control residuals matter
+
+
+def test_semantic_upsampler_matches_the_torch_restatement(semantic_reference, files, cfg):
+  params = convert_dit(io.load_state_dict(files[1]), cfg)
+  model = dit_model.build_dit(cfg)
+  features = np.random.default_rng(4).standard_normal((cfg.dit.latent_frames, 2, 3, cfg.upsampler.in_channels))
+  features = features.astype(np.float32)
+  with torch.no_grad():
+    want = semantic_reference(torch.from_numpy(features).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+  got = np.asarray(model.apply(params, features, method=dit_model.ControlledDiT.semantic_condition))
+  assert got.shape == (cfg.dit.latent_frames, 4, 6, cfg.dit.in_channels)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
 def test_untrained_control_branch_copies_the_backbone_and_changes_nothing(files, cfg):

@@ -11,12 +11,18 @@ embeddings and blocks copied from the backbone's first layers, zero linears at z
 from __future__ import annotations
 
 from collections.abc import Mapping
+import re
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from landiff_jax.convert import ConversionError
+from landiff_jax.models.dit import build_dit
+from landiff_jax.models.semantic_upsampler import build_semantic_upsampler
 from landiff_jax.nn.embeddings import cogvideox_3d_sincos_table
+from landiff_jax.parallel import strip_partitioning
 
 BACKBONE_PREFIXES = ('model.main_model.diffusion_model.', 'model.diffusion_model.', 'main_model.diffusion_model.',
                      'diffusion_model.')
@@ -145,6 +151,57 @@ def split_by_prefix(state_dict: Mapping[str, np.ndarray], prefixes: tuple[str, .
   return {}, ''
 
 
+UPSAMPLER_PREFIX = 'semantic_conditioner.'
+
+
+def upsampler_path(name: str, ndim: int) -> tuple[str, ...] | None:
+  """`semantic_conditioner.` name (prefix removed) → path in the upsampler tree; None for other parts (the
+  tokenizer under `semantic_model.` is converted with the tokenizer)."""
+  if name.startswith('conv_out.'):
+    name = 'project.' + name[len('conv_out.'):]
+  elif name.startswith('upsample_model.'):
+    name = name[len('upsample_model.'):]
+    name = re.sub(r'^mid\.block_(\d+)\.', r'mid_block_\1.', name)
+    name = re.sub(r'^up\.(\d+)\.block\.(\d+)\.', r'up_\1_block_\2.', name)
+    name = re.sub(r'^up\.(\d+)\.upsample\.conv\.', r'up_\1_upsample.', name)
+  else:
+    return None
+  parts = name.split('.')
+  if parts[-1] == 'weight':
+    parts[-1] = 'kernel' if ndim > 1 else 'scale'
+  return tuple(parts)
+
+
+def convert_upsampler(tensors: Mapping[str, np.ndarray], config: Any, label: str) -> tuple[dict, list[str], set]:
+  """(upsampler params, missing names, used names) from the `semantic_conditioner.` tensors."""
+  module = build_semantic_upsampler(config)
+  shapes = strip_partitioning(jax.eval_shape(
+      module.init, jax.random.key(0), jnp.zeros((1, 1, 1, module.in_channels))))['params']
+  expected = {tuple(str(k.key) for k in path): leaf.shape
+              for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+  tree: dict = {}
+  used = set()
+  for name, array in tensors.items():
+    path = upsampler_path(name, np.ndim(array))
+    if path is None or path not in expected:
+      continue
+    value = np.asarray(array, np.float32)
+    if value.ndim == 4:
+      value = np.transpose(value, (2, 3, 1, 0))
+    _set(tree, path, np.ascontiguousarray(value))
+    used.add(name)
+  found = {tuple(str(k.key) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  missing = [f'{label}{UPSAMPLER_PREFIX}' + '/'.join(p) for p in expected if p not in found]
+  return tree, missing, {UPSAMPLER_PREFIX + n for n in used}
+
+
+def initial_upsampler(config: Any) -> dict:
+  """The release's training initialisation (random, seed 0; zero final projection) for a file without one."""
+  module = build_semantic_upsampler(config)
+  params = module.init(jax.random.key(0), jnp.zeros((1, 1, 1, module.in_channels)))['params']
+  return jax.tree.map(np.asarray, strip_partitioning(params))
+
+
 def convert_dit(state_dict: Mapping[str, np.ndarray], config: Any, *,
                 base_state_dict: Mapping[str, np.ndarray] | None = None) -> dict:
   """Parameters of `build_dit(config)` ({'dit', 'control'} config sections) from a SAT state dict.
@@ -178,8 +235,17 @@ def convert_dit(state_dict: Mapping[str, np.ndarray], config: Any, *,
     params['control'] = control_tree
     readers.append(control_reader)
   missing = [m for r in readers for m in r.missing]
-  unexpected = unexpected_names(state_dict, backbone_prefix, readers[0].used, control_prefix,
-                                readers[-1].used if num_control else set())
+  control_used = set(readers[-1].used) if num_control else set()
+  if num_control and 'upsampler' in config:
+    conditioner = {k[len(UPSAMPLER_PREFIX):]: v for k, v in control.items() if k.startswith(UPSAMPLER_PREFIX)}
+    if conditioner or control:
+      params['upsampler'], upsampler_missing, upsampler_used = convert_upsampler(conditioner, config.upsampler,
+                                                                                 control_prefix)
+      missing += upsampler_missing
+      control_used |= upsampler_used
+    else:
+      params['upsampler'] = initial_upsampler(config.upsampler)
+  unexpected = unexpected_names(state_dict, backbone_prefix, readers[0].used, control_prefix, control_used)
   misshaped = _check_shapes(params, config)
   if missing or unexpected or misshaped:
     lines = [f'the DiT checkpoint does not match the config (hidden {dit.hidden_size}, {dit.num_layers} layers, '
@@ -194,7 +260,7 @@ def convert_dit(state_dict: Mapping[str, np.ndarray], config: Any, *,
 def unexpected_names(state_dict, backbone_prefix, backbone_used, control_prefix, control_used) -> list[str]:
   """Names the conversion did not use and no other converter owns (the position table is checked, not used)."""
   skipped_everywhere = ('mixins.pos_embed.pos_embedding',)
-  skipped_in_control = ('transformer.final_layernorm.', 'semantic_conditioner.')  # discarded / upsampler's
+  skipped_in_control = ('transformer.final_layernorm.', 'semantic_conditioner.semantic_model.')  # discarded / tokenizer's
   out = []
   for name in state_dict:
     if name.startswith(OTHER_PARTS):
@@ -213,11 +279,6 @@ def unexpected_names(state_dict, backbone_prefix, backbone_used, control_prefix,
 
 
 def _check_shapes(params: dict, config: Any) -> list[str]:
-  import jax
-
-  from landiff_jax.models.dit import build_dit
-  from landiff_jax.parallel import strip_partitioning
-
   expected = strip_partitioning(jax.eval_shape(build_dit(config).init_params, jax.random.key(0)))['params']
   problems = []
 

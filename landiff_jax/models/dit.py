@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from landiff_jax.models.semantic_upsampler import SemanticUpsampler, build_semantic_upsampler
 from landiff_jax.nn import Dense, LayerNorm, MaskSpec, Mlp, attention, constrain
 from landiff_jax.nn.embeddings import TimestepMLP, cogvideox_3d_sincos_table, timestep_embedding
 
@@ -227,10 +228,15 @@ class ControlBranch(CogVideoXDiT):
 
 
 class ControlledDiT(nn.Module):
-  """Backbone + control branch: `apply(params, latents, timesteps, text, condition=None)`; without a condition the
-  control branch is skipped (the plain CogVideoX-2B)."""
+  """Backbone + control branch + semantic upsampler.
+
+  `apply(params, latents, timesteps, text, condition=None)`; without a condition the control branch is skipped
+  (the plain CogVideoX-2B). The condition [T, H, W, C] (or [B, T, H, W, C]) comes from
+  `apply(params, features, method=ControlledDiT.semantic_condition)`, computed once per video.
+  """
   dit_config: Any
   num_control_layers: int
+  upsampler: SemanticUpsampler | None = None
   attention_backend: str = 'xla'
   remat_policy: str = 'none'
   dtype: Any = jnp.float32
@@ -249,12 +255,26 @@ class ControlledDiT(nn.Module):
       residuals = self.control(latents, timesteps, text, condition)
     return self.dit(latents, timesteps, text, residuals)
 
+  def semantic_condition(self, features: Array) -> Array:
+    """Tokenizer-decoder features [..., h, w, 768] → the control input condition [..., 2h, 2w, C]."""
+    if self.upsampler is None:
+      raise ValueError('this model has no semantic upsampler; build it with an upsampler config section.')
+    return self.upsampler(features)
+
+  def initialize(self, latents: Array, timesteps: Array, text: Array, features: Array | None) -> Array:
+    condition = self.semantic_condition(features)[0] if features is not None else None
+    return self(latents, timesteps, text, condition)
+
   def init_params(self, rng: Array, batch: int = 1) -> Any:
     c = self.dit_config
     latents = jnp.zeros((batch, 1, 2 * c.patch_size, 2 * c.patch_size, c.in_channels))
     text = jnp.zeros((batch, c.text_length, c.text_dim))
-    condition = latents[0] if self.num_control_layers else None
-    return self.init(rng, latents, jnp.zeros((batch,)), text, condition)
+    features = None
+    if self.num_control_layers and self.upsampler is not None:
+      features = jnp.zeros((batch, 1, c.patch_size, c.patch_size, self.upsampler.in_channels))
+    elif self.num_control_layers:
+      return self.init(rng, latents, jnp.zeros((batch,)), text, latents[0])
+    return self.init(rng, latents, jnp.zeros((batch,)), text, features, method=ControlledDiT.initialize)
 
 
 def check_inputs(config: Any, latents: Any, timesteps: Any, text: Any) -> None:
@@ -275,12 +295,15 @@ def check_inputs(config: Any, latents: Any, timesteps: Any, text: Any) -> None:
 
 def build_dit(config: Any, *, dtype: Any = jnp.float32, num_control_layers: int | None = None,
               attention_backend: str | None = None, remat_policy: str = 'none') -> ControlledDiT:
-  """The renderer from a model directory's config: {'dit': dit section, 'control': control section, ...}."""
+  """The renderer of a config holding `dit`, and optionally `control` and `upsampler`, sections."""
   dit_config = freeze(config.dit)
   if num_control_layers is None:
     num_control_layers = int(config.control.num_layers) if 'control' in config else 0
-  return ControlledDiT(dit_config, num_control_layers, attention_backend or config.get('attention_backend', 'xla'),
-                       remat_policy, jnp.dtype(dtype))
+  upsampler = None
+  if num_control_layers and 'upsampler' in config:
+    upsampler = build_semantic_upsampler(config.upsampler, dtype=dtype)
+  return ControlledDiT(dit_config, num_control_layers, upsampler,
+                       attention_backend or config.get('attention_backend', 'xla'), remat_policy, jnp.dtype(dtype))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,8 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from landiff_jax.nn import GroupNorm
+
 Array = jax.Array
 Cache = dict[str, Any]
 
@@ -136,28 +138,6 @@ class FrameConv2d(nn.Module):
                                  precision=self.precision)
     y = y + bias.astype(self.dtype)
     return y.reshape((b, t) + y.shape[1:])
-
-
-class GroupNorm(nn.Module):
-  """GroupNorm over (T, H, W, channels of the group), statistics in fp32 (PyTorch's biased variance)."""
-  num_groups: int
-  eps: float = 1e-6
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    channels = x.shape[-1]
-    if channels % self.num_groups:
-      raise ValueError(f'GroupNorm {self.name!r}: {channels} channels are not divisible into {self.num_groups} groups.')
-    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones_init(), ('norm',)), (channels,),
-                       jnp.float32)
-    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('norm',)), (channels,),
-                      jnp.float32)
-    grouped = x.astype(jnp.float32).reshape(x.shape[0], -1, self.num_groups, channels // self.num_groups)
-    mean = grouped.mean(axis=(1, 3), keepdims=True)
-    var = jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
-    normed = ((grouped - mean) * lax.rsqrt(var + self.eps)).reshape(x.shape)
-    return (normed * scale + bias).astype(self.dtype)
 
 
 class SpatialNorm3D(nn.Module):

@@ -141,3 +141,26 @@ class RMSNorm(nn.Module):
     y = x.astype(jnp.float32)
     y = y * lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + self.epsilon)
     return (y * scale.astype(jnp.float32)).astype(self.dtype or x.dtype)
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm over every non-batch position and the group's channels ([B, ..., C]); fp32 statistics with PyTorch's
+  biased variance, result in `dtype`."""
+  num_groups: int
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    if channels % self.num_groups:
+      raise ValueError(f'GroupNorm {self.name!r}: {channels} channels are not divisible into {self.num_groups} groups.')
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones_init(), ('norm',)), (channels,),
+                       jnp.float32)
+    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('norm',)), (channels,),
+                      jnp.float32)
+    grouped = x.astype(jnp.float32).reshape(x.shape[0], -1, self.num_groups, channels // self.num_groups)
+    mean = grouped.mean(axis=(1, 3), keepdims=True)
+    var = jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
+    normed = ((grouped - mean) * lax.rsqrt(var + self.eps)).reshape(x.shape)
+    return (normed * scale + bias).astype(self.dtype)
