@@ -324,3 +324,14 @@ def test_cli_converts_the_landiff_checkpoint(files, cfg, tmp_path):
   latents, t, text, condition = inputs(cfg)
   out = model.apply(params, jnp.asarray(latents), jnp.asarray(t), jnp.asarray(text), jnp.asarray(condition))
   assert out.shape == latents.shape
+
+
+def test_bench_dit_times_backbone_and_control_next_to_diffusers(tmp_path):
+  import json
+  out = tmp_path / 'bench.json'
+  assert main(['bench', 'dit', '--config=configs/tiny.py', '--repeats', '1', '--dtype', 'float32', '--out',
+               str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result['tokens'] == 8 + 3 * 2 * 3 and result['batch'] == 2
+  assert result['landiff_jax']['backbone_and_control']['median_s'] > 0
+  assert result['diffusers']['backbone']['median_s'] > 0 and result['backbone_speedup_vs_diffusers'] > 0

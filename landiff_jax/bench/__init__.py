@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 # name → 'module:function'
 BENCHMARKS = {
+    'dit': 'landiff_jax.bench.dit:run',
     'vae': 'landiff_jax.bench.vae:run',
 }
 
