@@ -273,3 +273,31 @@ def test_pipeline_without_shuffle_and_bad_batch_size():
   assert take_ids(iterator, 9)[8] == list(range(8))  # the ninth batch starts the second epoch
   with pytest.raises(ValueError, match='multiple of the process count 3'):
     make_batch_iterator(make_examples(), 8, seed=0, shuffle=False, process_index=0, process_count=3)
+
+
+class PretrainedToyTask(ToyTask):
+  """Starts w2 from given values (trained on) and frozen_proj from others (frozen)."""
+
+  def __init__(self, w2, proj):
+    super().__init__()
+    self.w2, self.proj = w2, proj
+
+  def pretrained_params(self):
+    return {'params': {'w2': self.w2, 'frozen_proj': self.proj}}
+
+
+def test_pretrained_params_replace_the_initialisation(tmp_path):
+  from toy_task import EMBED, IN_DIM, MLP, OUT_DIM
+  rng = np.random.default_rng(5)
+  w2 = rng.standard_normal((MLP, OUT_DIM)).astype(np.float32)
+  proj = rng.standard_normal((IN_DIM, EMBED)).astype(np.float32)
+  first = {}
+  hook = lambda step, state, metrics: first.setdefault('w2', np.asarray(state.params['params']['w2']))
+  state = train(PretrainedToyTask(w2, proj), toy_train_config(tmp_path / 'a', num_steps=1, warmup_steps=0),
+                toy_parallel_config(),
+                hooks=[hook])
+  np.testing.assert_array_equal(np.asarray(state.frozen_params['params']['frozen_proj']), proj)
+  # one AdamW step moves each weight by about the learning rate, so w2 started from the given values
+  assert np.abs(first['w2'] - w2).max() < 0.1
+  with pytest.raises(ValueError, match='has shape'):
+    train(PretrainedToyTask(w2[:2], proj), toy_train_config(tmp_path / 'b'), toy_parallel_config())

@@ -16,7 +16,8 @@ from landiff_jax import parallel
 from landiff_jax.data.pipeline import make_batch_iterator
 from landiff_jax.train import checkpoint
 from landiff_jax.train.metrics import MetricsWriter, scalar_metrics
-from landiff_jax.train.optimizer import learning_rate_schedule, make_optimizer, merge_params, split_frozen
+from landiff_jax.train.optimizer import (flatten_params, learning_rate_schedule, make_optimizer, merge_params,
+                                        split_frozen, unflatten_params)
 from landiff_jax.train.state import TrainState
 from landiff_jax.train.task import Task, count_units
 
@@ -41,12 +42,29 @@ def _check_batch_divisible(batch_size: int, mesh: Mesh, rules: parallel.sharding
                      f'{dict(mesh.shape)}; choose a multiple of {shards} or change the mesh.')
 
 
+def overlay_params(params: Any, pretrained: Any) -> Any:
+  """`params` with every leaf that `pretrained` (a nested dict, possibly partial) also has replaced by its value."""
+  flat, given = flatten_params(params), flatten_params(pretrained)
+  unknown = [path for path in given if path not in flat]
+  if unknown:
+    raise ValueError(f'pretrained parameters {unknown[:5]} are not parameters of this model (paths look like '
+                     f'{list(flat)[:3]}); the model directory was made for another config.')
+  for path, value in given.items():
+    if tuple(value.shape) != tuple(flat[path].shape):
+      raise ValueError(f'pretrained parameter {path} has shape {tuple(value.shape)}, the model expects '
+                       f'{tuple(flat[path].shape)}; the model directory was made for another config.')
+    flat[path] = value.astype(flat[path].dtype)
+  return unflatten_params(flat)
+
+
 def _make_init_state(task: Task, tx: optax.GradientTransformation, train_config) -> Callable[..., TrainState]:
   frozen, ema_on = list(train_config.frozen), train_config.ema_decay > 0
 
-  def init_state(rng: jax.Array, example_batch: Any) -> TrainState:
+  def init_state(rng: jax.Array, example_batch: Any, pretrained: Any = None) -> TrainState:
     init_rng, step_rng = jax.random.split(rng)
     params = nn.meta.unbox(task.init_params(init_rng, example_batch))
+    if pretrained is not None:
+      params = overlay_params(params, pretrained)
     trainable, frozen_params = split_frozen(params, frozen)
     return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen_params=frozen_params,
                       opt_state=tx.init(trainable),
@@ -147,10 +165,27 @@ def _init_or_restore(task, tx, train_config, mesh, rules, example_batch, data, m
   abstract_state = checkpoint.abstract_tree(jax.eval_shape(init_state, rng, example_batch), shardings)
   restored = checkpoint.restore(manager, abstract_state)
   if restored is None:
-    return jax.jit(init_state, out_shardings=shardings)(rng, example_batch)
+    pretrained = _place_pretrained(task, shardings)
+    return jax.jit(init_state, out_shardings=shardings)(rng, example_batch, pretrained)
   state, data_position = restored
   data.set_state(data_position)
   return state
+
+
+def _place_pretrained(task: Task, shardings: TrainState) -> Any:
+  """The task's `pretrained_params()` (if it has one), each leaf placed in its parameter's sharding."""
+  loader = getattr(task, 'pretrained_params', None)
+  pretrained = loader() if loader is not None else None
+  if pretrained is None:
+    return None
+  param_shardings = flatten_params(merge_params(shardings.params, shardings.frozen_params))
+  placed = {}
+  for path, value in flatten_params(pretrained).items():
+    if path not in param_shardings:
+      raise ValueError(f'pretrained parameter {path} is not a parameter of this model (paths look like '
+                       f'{list(param_shardings)[:3]}); the model directory was made for another config.')
+    placed[path] = jax.device_put(value, param_shardings[path])
+  return unflatten_params(placed)
 
 
 def _jit_train_step(task, tx, schedule, train_config, mesh, state, example_batch):

@@ -39,11 +39,11 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(clip), adamw)
 
 
-def _flatten(params: Any) -> dict[str, Any]:
+def flatten_params(params: Any) -> dict[str, Any]:
   return traverse_util.flatten_dict(params, sep=PATH_SEPARATOR)
 
 
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+def unflatten_params(flat: dict[str, Any]) -> dict[str, Any]:
   return traverse_util.unflatten_dict(flat, sep=PATH_SEPARATOR)
 
 
@@ -53,7 +53,7 @@ def split_frozen(params: Any, frozen_regexes: Sequence[str]) -> tuple[dict[str, 
   Frozen leaves are removed from the trainable tree, so they get no gradient and no optimizer state.
   Works on any nested-dict tree with the parameters' structure (values, shardings, shapes).
   """
-  flat = _flatten(params)
+  flat = flatten_params(params)
   patterns = [re.compile(regex) for regex in frozen_regexes]
   for pattern in patterns:
     if not any(pattern.search(path) for path in flat):
@@ -65,9 +65,9 @@ def split_frozen(params: Any, frozen_regexes: Sequence[str]) -> tuple[dict[str, 
   frozen = {path: value for path, value in flat.items() if is_frozen(path)}
   if not trainable:
     raise ValueError('train.frozen freezes every parameter; nothing is left to train.')
-  return _unflatten(trainable), _unflatten(frozen)
+  return unflatten_params(trainable), unflatten_params(frozen)
 
 
 def merge_params(trainable: Any, frozen: Any) -> dict[str, Any]:
   """The full parameter tree again (inverse of `split_frozen`)."""
-  return _unflatten({**_flatten(trainable), **_flatten(frozen)})
+  return unflatten_params({**flatten_params(trainable), **flatten_params(frozen)})

@@ -19,6 +19,10 @@ class Task(Protocol):
   Optionally a task also defines `count_units(batch) -> dict[str, scalar]` (traced inside the train step on the
   global batch) to report throughput in its own units, e.g. {'tokens': ...} gives `tokens_per_sec`.
   The default counts samples: the leading dimension of the batch.
+
+  Optionally `pretrained_params() -> nested dict | None` (called on the host, before a fresh start, not on resume)
+  gives parameter values — all or some, e.g. a frozen backbone from a converted model directory — that replace
+  the random initialisation at the same paths.
   """
 
   def init_params(self, rng: jax.Array, example_batch: Batch) -> Params:
