@@ -238,6 +238,8 @@ def diffusion_config():
           cfg_exponent=5.0,
           dynamic_cfg=True,
           uncond_text='zeros',
+          text_dropout=0.1,  # training: share of examples whose text features are zeroed (CFG)
+          prefix_frames=0,  # clean latent frames held fixed (the release's fixed_frames); 0 = off
       ))
 
 
@@ -263,6 +265,8 @@ def train_config():
           grad_clip_norm=1.0,  # 0 disables clipping
           ema_decay=0.0,  # 0 disables the EMA copy of the parameters
           frozen=[],  # regexes on '/'-joined parameter paths; matches get no gradient and no optimizer state
+          init_from='',  # model directory (e.g. from `landiff-jax convert`) whose parameters replace the init
+          data_dir='',  # the stage's training examples
           checkpoint_every=500,
           keep_checkpoints=3,
           log_every=10,

@@ -145,10 +145,34 @@ def cmd_bench(args, config) -> int:
   return 0
 
 
+# stage → 'module:Task class' (constructed with the whole config).
+TRAIN_TASKS = {
+    'diffusion': 'landiff_jax.train.tasks.diffusion:DiffusionTask',
+}
+
+
+def cmd_train(args, config) -> int:
+  """Trains one stage with the generic loop; resumes from the latest checkpoint in train.workdir."""
+  import importlib
+
+  from landiff_jax.train import train
+
+  module_name, class_name = TRAIN_TASKS[args.stage].split(':')
+  try:
+    task = getattr(importlib.import_module(module_name), class_name)(config)
+    state = train(task, config.train, config.parallel, config=config.to_dict())
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    print(f'landiff-jax: error: {e}', file=sys.stderr)
+    return 1
+  print(f'trained {args.stage} to step {int(state.step)}; checkpoints and metrics in {config.train.workdir}')
+  return 0
+
+
 COMMANDS = {
     'config': (cmd_config, 'print the resolved config (with --config.* overrides applied)'),
     'devices': (cmd_devices, 'list devices and the device mesh built from the config'),
     'convert': (cmd_convert, 'convert a part of the official PyTorch release into a landiff-jax model directory'),
+    'train': (cmd_train, 'train one stage (diffusion) with the sharded training loop'),
     'bench': (cmd_bench, 'time a model at the configured size (peak memory too), next to the PyTorch reference'),
 }
 
@@ -175,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
       command.add_argument('--base', default='',
                            help='dit: the CogVideoX-2B SAT checkpoint that tensors missing from --src (a LanDiff '
                            'diffusion checkpoint) are read from, as the release loads them')
+    if name == 'train':
+      command.add_argument('stage', choices=sorted(TRAIN_TASKS), help='which stage to train')
     if name == 'bench':
       from landiff_jax.bench import BENCHMARKS
       command.add_argument('name', choices=sorted(BENCHMARKS), help='what to benchmark')

@@ -32,8 +32,7 @@ class Conv2d(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     k = self.kernel_size
-    kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, ('kernel', 'kernel', 'conv_in',
-                                                                                  'conv_out')),
+    kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, (None, None, 'conv_in', 'conv_out')),
                         (k, k, x.shape[-1], self.features), jnp.float32)
     bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('conv_out',)),
                       (self.features,), jnp.float32)

@@ -28,8 +28,8 @@ from landiff_jax.nn import GroupNorm
 Array = jax.Array
 Cache = dict[str, Any]
 
-CONV_KERNEL_AXES_3D = ('kernel', 'kernel', 'kernel', 'conv_in', 'conv_out')
-CONV_KERNEL_AXES_2D = ('kernel', 'kernel', 'conv_in', 'conv_out')
+CONV_KERNEL_AXES_3D = (None, None, None, 'conv_in', 'conv_out')
+CONV_KERNEL_AXES_2D = (None, None, 'conv_in', 'conv_out')
 # PyTorch's default convolution initialisation: uniform(±1/sqrt(fan_in)).
 torch_default_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
 
