@@ -72,6 +72,7 @@ def cmd_devices(args, config) -> int:
 CONVERTERS = {
     'vae': ('landiff_jax.convert.vae:convert_vae', 'vae'),
     'dit': ('landiff_jax.convert.dit:convert_dit', ('dit', 'control', 'upsampler')),
+    'tokenizer': ('landiff_jax.convert.tokenizer:convert_tokenizer', 'tokenizer'),
 }
 
 
