@@ -22,6 +22,8 @@ from landiff_jax.train.state import TrainState
 from landiff_jax.train.task import Task, count_units
 
 Hook = Callable[[int, TrainState, dict[str, jax.Array]], None]
+# A loss_fn metric under this key is not logged: it goes to `task.update_frozen` (see `Task`).
+STATE_UPDATE_KEY = 'frozen_update_inputs'
 
 
 def validate_train_config(train_config) -> None:
@@ -99,12 +101,18 @@ def _make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opt
     (loss, task_metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    frozen_params = state.frozen_params
+    if STATE_UPDATE_KEY in task_metrics:
+      task_metrics = dict(task_metrics)
+      inputs = task_metrics.pop(STATE_UPDATE_KEY)
+      frozen_params = task.update_frozen(merge_params(params, frozen_params), inputs, rng)
     ema = state.ema_params
     if ema_decay > 0:
       ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
     metrics = dict(task_metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    learning_rate=schedule(state.step))
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+    new_state = state.replace(step=state.step + 1, params=params, frozen_params=frozen_params, opt_state=opt_state,
+                              ema_params=ema)
     return new_state, metrics, count_units(task, batch)
 
   return train_step

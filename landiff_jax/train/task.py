@@ -23,6 +23,11 @@ class Task(Protocol):
   Optionally `pretrained_params() -> nested dict | None` (called on the host, before a fresh start, not on resume)
   gives parameter values — all or some, e.g. a frozen backbone from a converted model directory — that replace
   the random initialisation at the same paths.
+
+  Optionally `update_frozen(params, inputs, rng) -> frozen tree`: state that learns without gradients (e.g. a VQ
+  codebook updated by EMA). When `loss_fn`'s metrics hold `inputs` under the key 'frozen_update_inputs', the step
+  calls it after the optimizer update with the merged parameters and returns the new frozen sub-tree (same
+  structure), which becomes the next step's frozen parameters.
   """
 
   def init_params(self, rng: jax.Array, example_batch: Batch) -> Params:
