@@ -27,6 +27,7 @@ PARAMS_DIR = 'params'
 # Each model issue registers its part here when its model file lands.
 MODEL_BUILDERS: dict[str, str] = {
     'dit': 'landiff_jax.models.dit:build_dit',
+    'lm': 'landiff_jax.models.lm:build_lm',
     'tokenizer': 'landiff_jax.models.tokenizer:build_tokenizer',
     'vae': 'landiff_jax.models.vae:build_vae',
 }

@@ -73,6 +73,7 @@ CONVERTERS = {
     'vae': ('landiff_jax.convert.vae:convert_vae', 'vae'),
     'dit': ('landiff_jax.convert.dit:convert_dit', ('dit', 'control', 'upsampler')),
     'tokenizer': ('landiff_jax.convert.tokenizer:convert_tokenizer', 'tokenizer'),
+    'lm': ('landiff_jax.convert.lm:convert_lm', 'lm'),
 }
 
 

@@ -1,0 +1,1 @@
+"""Samplers: semantic-token generation with the LM, and the diffusion sampler."""
