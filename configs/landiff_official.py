@@ -121,6 +121,10 @@ def lm_config():
           micro_freq_dim=256,
           micro_hidden=512,
           text_max_length=512,
+          # training: condition dropout (text → the null-text vector, micro-conditions → a zero token)
+          text_dropout=0.1,
+          motion_dropout=0.5,
+          frames_dropout=0.5,
           sampling=dict(
               cfg_scale=7.5,
               temperature=1.0,

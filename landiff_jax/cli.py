@@ -151,6 +151,7 @@ def cmd_bench(args, config) -> int:
 TRAIN_TASKS = {
     'diffusion': 'landiff_jax.train.tasks.diffusion:DiffusionTask',
     'tokenizer': 'landiff_jax.train.tasks.tokenizer:TokenizerTask',
+    'lm': 'landiff_jax.train.tasks.lm:LMTask',
 }
 
 
@@ -175,7 +176,7 @@ COMMANDS = {
     'config': (cmd_config, 'print the resolved config (with --config.* overrides applied)'),
     'devices': (cmd_devices, 'list devices and the device mesh built from the config'),
     'convert': (cmd_convert, 'convert a part of the official PyTorch release into a landiff-jax model directory'),
-    'train': (cmd_train, 'train one stage (tokenizer, diffusion) with the sharded training loop'),
+    'train': (cmd_train, 'train one stage (tokenizer, lm, diffusion) with the sharded training loop'),
     'bench': (cmd_bench, 'time a model at the configured size (peak memory too), next to the PyTorch reference'),
 }
 
