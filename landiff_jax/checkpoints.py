@@ -42,14 +42,15 @@ def save(dst: str, *, part: str, config: ml_collections.ConfigDict, params: Any,
   """Writes `params` and `config` (the part's config section) as a model directory at `dst`; returns its path."""
   if part not in MODEL_BUILDERS:
     raise CheckpointError(f'unknown model part {part!r}; known parts: {", ".join(sorted(MODEL_BUILDERS))}.')
+  _check_leaves(params)
   dst = os.path.abspath(dst)
   if os.path.exists(dst) and not overwrite:
     raise CheckpointError(f'{dst} already exists; choose another destination or pass --overwrite.')
   parent = os.path.dirname(dst)
   os.makedirs(parent, exist_ok=True)
   tmp = os.path.join(parent, f'.{os.path.basename(dst)}.tmp-{uuid.uuid4().hex[:8]}')
+  checkpointer = ocp.StandardCheckpointer()
   try:
-    checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(tmp, PARAMS_DIR), params)
     checkpointer.wait_until_finished()
     meta = dict(format=FORMAT, format_version=FORMAT_VERSION, landiff_jax_version=__version__, part=part,
@@ -58,8 +59,25 @@ def save(dst: str, *, part: str, config: ml_collections.ConfigDict, params: Any,
       json.dump(meta, f, indent=2)
     _replace_directory(tmp, dst)
   finally:
+    _settle(checkpointer)  # a failed save may still have a writer thread about to create files under tmp
     shutil.rmtree(tmp, ignore_errors=True)
   return dst
+
+
+def _settle(checkpointer) -> None:
+  try:
+    checkpointer.wait_until_finished()
+  except Exception:  # pylint: disable=broad-except
+    pass  # the save already failed; its error is the one the caller sees
+
+
+def _check_leaves(params: Any) -> None:
+  """Every leaf must be an array or a number; checked before orbax starts writing (it writes in threads)."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  bad = [jax.tree_util.keystr(path) for path, leaf in flat
+         if not (hasattr(leaf, 'shape') and hasattr(leaf, 'dtype')) and not isinstance(leaf, (int, float, bool))]
+  if bad:
+    raise CheckpointError(f'parameters must be arrays; these leaves are not: {", ".join(bad[:10])}.')
 
 
 def _replace_directory(src: str, dst: str) -> None:

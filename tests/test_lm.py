@@ -236,3 +236,13 @@ def test_cli_converts_the_official_file(official, params, tmp_path):
   model, loaded = checkpoints.load(str(dst))
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
   assert isinstance(model, lm_model.SemanticLM)
+
+
+def test_bench_lm_runs_next_to_a_pytorch_kv_loop(tmp_path):
+  import json
+  out = tmp_path / 'bench.json'
+  assert main(['bench', 'lm', '--config=configs/tiny.py', '--repeats', '1', '--dtype', 'float32', '--out',
+               str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result['landiff_jax']['positions'] == 13 and result['landiff_jax']['per_token_ms'] > 0
+  assert result['pytorch_kv_loop']['total_s'] > 0 and result['speedup_vs_pytorch'] > 0

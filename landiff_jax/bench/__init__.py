@@ -13,6 +13,7 @@ from typing import Any, Callable
 # name → 'module:function'
 BENCHMARKS = {
     'dit': 'landiff_jax.bench.dit:run',
+    'lm': 'landiff_jax.bench.lm:run',
     'vae': 'landiff_jax.bench.vae:run',
 }
 
