@@ -281,3 +281,13 @@ def test_cli_converts_the_official_file(official, converted, tmp_path):
   model, params = checkpoints.load(str(dst))
   jax.tree.map(np.testing.assert_array_equal, params, converted)
   assert isinstance(model, tok.VideoTokenizer)
+
+
+def test_bench_tokenizer_reports_every_backend(tmp_path):
+  import json
+  out = tmp_path / 'bench.json'
+  assert main(['bench', 'tokenizer', '--config=configs/tiny.py', '--repeats', '1', '--dtype', 'float32', '--out',
+               str(out)]) == 0
+  backends = json.loads(out.read_text())['backends']
+  assert backends['xla']['encode']['median_s'] > 0 and backends['xla']['tokens'] == 7
+  assert set(backends) == {'xla', 'cudnn', 'pallas', 'splash'}

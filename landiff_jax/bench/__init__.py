@@ -14,6 +14,7 @@ from typing import Any, Callable
 BENCHMARKS = {
     'dit': 'landiff_jax.bench.dit:run',
     'lm': 'landiff_jax.bench.lm:run',
+    'tokenizer': 'landiff_jax.bench.tokenizer:run',
     'vae': 'landiff_jax.bench.vae:run',
 }
 

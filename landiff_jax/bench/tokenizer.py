@@ -1,0 +1,60 @@
+"""`landiff-jax bench tokenizer`: encode and decode one group of Theia features at the configured size, once per
+attention backend (xla materialises the masked scores; pallas/splash skip masked blocks where registered)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from landiff_jax.bench import device_peak_bytes, gib, time_calls
+from landiff_jax.models import tokenizer as tokenizer_model
+from landiff_jax.nn import available_backends
+from landiff_jax.parallel import strip_partitioning
+
+BACKENDS = ('xla', 'cudnn', 'pallas', 'splash')
+
+
+def run_backend(config: Any, options: Any, backend: str, features: np.ndarray) -> dict:
+  dtype = jnp.dtype(options.dtype)
+  model = tokenizer_model.build_tokenizer(config.tokenizer, dtype=dtype, attention_backend=backend)
+  params = jax.jit(lambda key: jax.tree.map(lambda p: p.astype(dtype) if p.dtype == jnp.float32 else p,
+                                            strip_partitioning(model.init_params(key))))(jax.random.key(0))
+  x = jnp.asarray(features, dtype)
+  result = {}
+  start = time.perf_counter()
+  encode = jax.jit(lambda p, f: model.apply(p, f, method=tokenizer_model.VideoTokenizer.encode_group))
+  encode_compiled = encode.lower(params, x).compile()
+  ids = encode_compiled(params, x)
+  decode = jax.jit(lambda p, i: model.apply(p, i, method=tokenizer_model.VideoTokenizer.decode_group))
+  decode_compiled = decode.lower(params, ids).compile()
+  result['compile_s'] = round(time.perf_counter() - start, 2)
+  result['encode'] = time_calls(lambda: encode_compiled(params, x), options.repeats)
+  result['decode'] = time_calls(lambda: decode_compiled(params, ids), options.repeats)
+  result['tokens'] = int(ids.shape[1])
+  result['peak_gib'] = gib(device_peak_bytes())
+  return result
+
+
+def run(config: Any, options: Any) -> dict:
+  t = config.tokenizer
+  shape = (options.batch, t.frames_per_group, *t.feature_grid, t.feature_dim)
+  features = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+  result = dict(benchmark='tokenizer encode + decode of one group', features=list(shape), dtype=options.dtype,
+                device=str(jax.devices()[0].device_kind), jax=jax.__version__, backends={})
+  registered = available_backends()
+  for backend in BACKENDS:
+    if backend not in registered:
+      result['backends'][backend] = {'skipped': 'not registered in this build'}
+      continue
+    if backend == 'cudnn' and jax.default_backend() != 'gpu':
+      result['backends'][backend] = {'skipped': 'needs a CUDA GPU'}
+      continue
+    try:
+      result['backends'][backend] = run_backend(config, options, backend, features)
+    except Exception as e:  # pylint: disable=broad-except  # e.g. out of memory: report it, bench the rest
+      result['backends'][backend] = {'failed': f'{type(e).__name__}: {str(e)[:300]}'}
+  return result
