@@ -56,7 +56,10 @@ def load_config(source: str, overrides: Iterable[str] = ()) -> ml_collections.Co
   takes_arg = bool(inspect.signature(get_config).parameters)
   if arg is not None and not takes_arg:
     raise ConfigError(f'config file {path} takes no argument, but {source!r} passes {arg!r}; drop the ":{arg}".')
-  config = get_config(arg) if takes_arg else get_config()
+  try:
+    config = get_config(arg) if takes_arg else get_config()
+  except ValueError as e:
+    raise ConfigError(f'{path}: {e}') from e
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f'get_config() in {path} returned {type(config).__name__}, expected ml_collections.ConfigDict.')
   apply_overrides(config, overrides)

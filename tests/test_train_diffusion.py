@@ -100,7 +100,7 @@ def test_cli_trains_from_a_directory_of_examples(tmp_path, capsys):
   data.mkdir()
   for i, example in enumerate(examples(load_config('configs/tiny.py'), count=8)):
     np.savez(data / f'{i:04d}.npz', **example)
-  code = main(['train', 'diffusion', '--config=configs/train_diffusion.py:tiny', f'--config.train.workdir={tmp_path}/run',
+  code = main(['train', 'diffusion', '--config=configs/train.py:diffusion,tiny', f'--config.train.workdir={tmp_path}/run',
                f'--config.train.data_dir={data}', '--config.train.num_steps=2', '--config.train.warmup_steps=1'])
   assert code == 0, capsys.readouterr().err
   assert 'trained diffusion to step 2' in capsys.readouterr().out

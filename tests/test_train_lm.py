@@ -13,7 +13,7 @@ CLASSES = 4
 
 
 def tiny(workdir, *overrides):
-  return load_config('configs/train_lm.py:tiny', [
+  return load_config('configs/train.py:lm,tiny', [
       f'train.workdir={workdir}', f'train.num_steps={STEPS}', 'train.learning_rate=1e-2', 'train.warmup_steps=5',
       'train.log_every=20', 'train.checkpoint_every=1000', *overrides])
 

@@ -16,7 +16,7 @@ class Stop(Exception):
 
 
 def tiny(workdir, *overrides):
-  return load_config('configs/train_tokenizer.py:tiny', [
+  return load_config('configs/train.py:tokenizer,tiny', [
       f'train.workdir={workdir}', f'train.num_steps={STEPS}', 'train.learning_rate=3e-3', 'train.warmup_steps=10',
       'train.checkpoint_every=10', 'train.log_every=50', *overrides])
 

@@ -14,9 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from landiff_jax.bench import device_peak_bytes, gib, time_calls
+from landiff_jax.bench import TorchReference, device_peak_bytes, gib, parameter_count, random_params, time_calls
 from landiff_jax.models import dit as dit_model
-from landiff_jax.parallel import strip_partitioning
 
 # Dense bf16 tensor-core peak, FLOP/s, by device kind prefix.
 PEAK_FLOPS = {'NVIDIA H100': 989e12, 'NVIDIA H200': 989e12, 'NVIDIA A100': 312e12, 'TPU v5p': 459e12,
@@ -38,10 +37,9 @@ def run_jax(config: Any, options: Any, inputs: dict) -> dict:
   dtype = jnp.dtype(options.dtype)
   backend = attention_backend(config)
   model = dit_model.build_dit(config, dtype=dtype, attention_backend=backend)
-  params = jax.jit(lambda key: jax.tree.map(lambda p: p.astype(dtype),
-                                            strip_partitioning(model.init_params(key))))(jax.random.key(0))
+  params = random_params(model.init_params, dtype)
   args = {k: jnp.asarray(v) for k, v in inputs.items()}
-  result = dict(attention_backend=backend, parameters=int(sum(p.size for p in jax.tree.leaves(params))))
+  result = dict(attention_backend=backend, parameters=parameter_count(params))
   for name, with_control in (('backbone', False), ('backbone_and_control', True)):
     if with_control and not model.num_control_layers:
       continue
@@ -67,13 +65,11 @@ def run_jax(config: Any, options: Any, inputs: dict) -> dict:
 
 
 def run_diffusers(config: Any, options: Any, inputs: dict) -> dict:
-  try:
-    import diffusers
-    import torch
-  except ImportError as e:
-    return dict(skipped=f'{e.name} is not installed (pip install -r requirements-test.txt)')
-  device = 'cuda' if torch.cuda.is_available() else 'cpu'
-  dtype = getattr(torch, options.dtype)
+  reference, skipped = TorchReference.create(options.dtype, need_diffusers=True)
+  if reference is None:
+    return dict(skipped=skipped)
+  import diffusers
+  torch, device, dtype = reference.torch, reference.device, reference.dtype
   c = config.dit
   model = diffusers.CogVideoXTransformer3DModel(
       num_attention_heads=c.num_heads, attention_head_dim=c.head_dim, in_channels=c.in_channels,
@@ -85,19 +81,10 @@ def run_diffusers(config: Any, options: Any, inputs: dict) -> dict:
   latents = torch.from_numpy(inputs['latents']).permute(0, 1, 4, 2, 3).to(device, dtype)
   text = torch.from_numpy(inputs['text']).to(device, dtype)
   timesteps = torch.from_numpy(inputs['timesteps']).to(device)
-
-  def sync(x):
-    if device == 'cuda':
-      torch.cuda.synchronize()
-    return x
-
-  if device == 'cuda':
-    torch.cuda.reset_peak_memory_stats()
   with torch.no_grad():
-    result = dict(backbone=time_calls(lambda: model(latents, text, timesteps).sample, options.repeats, sync=sync))
-  result.update(device=device, torch=torch.__version__, diffusers=diffusers.__version__,
-                peak_gib=gib(torch.cuda.max_memory_allocated()) if device == 'cuda' else None)
-  return result
+    result = dict(backbone=time_calls(lambda: model(latents, text, timesteps).sample, options.repeats,
+                                      sync=reference.sync))
+  return dict(result, diffusers=diffusers.__version__, **reference.describe())
 
 
 def run(config: Any, options: Any) -> dict:

@@ -14,9 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from landiff_jax.bench import device_peak_bytes, gib
+from landiff_jax.bench import TorchReference, device_peak_bytes, gib, parameter_count, random_params, time_calls
 from landiff_jax.models import lm as lm_model
-from landiff_jax.parallel import strip_partitioning
 from landiff_jax.sampling import lm as lm_sampling
 
 PEAK_BANDWIDTH = {'NVIDIA H100': 3.35e12, 'NVIDIA H200': 4.8e12, 'NVIDIA A100': 2.0e12}
@@ -37,8 +36,7 @@ def bytes_per_token(config: Any, params_bytes: int, sequence: int, dtype_bytes: 
 def run_jax(config: Any, options: Any, text: np.ndarray) -> dict:
   dtype = jnp.dtype(options.dtype)
   model = lm_model.build_lm(config.lm, dtype=dtype, attention_backend=config.attention_backend)
-  params = jax.jit(lambda key: jax.tree.map(lambda p: p.astype(dtype),
-                                            strip_partitioning(model.init_params(key))))(jax.random.key(0))
+  params = random_params(model.init_params, dtype)
   layout = lm_sampling.Layout.from_config(config)
   frames = layout.frames_per_group
   run = lambda: lm_sampling.generate(model, params, [text], layout=layout, key=jax.random.key(1), num_frames=frames,
@@ -67,8 +65,8 @@ def run_jax(config: Any, options: Any, text: np.ndarray) -> dict:
   per_token = (total - prefill_s) / steps
   params_bytes = sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(params))
   result = dict(first_call_s=round(first, 3), total_s=round(total, 4), prefill_s=round(prefill_s, 4),
-                per_token_ms=round(1e3 * per_token, 4), positions=steps, parameters=int(
-                    sum(p.size for p in jax.tree.leaves(params))), peak_gib=gib(device_peak_bytes()))
+                per_token_ms=round(1e3 * per_token, 4), positions=steps, parameters=parameter_count(params),
+                peak_gib=gib(device_peak_bytes()))
   bandwidth = peak_bandwidth()
   if bandwidth:
     moved = bytes_per_token(config, params_bytes, prefix + steps, dtype.itemsize)
@@ -77,12 +75,10 @@ def run_jax(config: Any, options: Any, text: np.ndarray) -> dict:
 
 
 def run_torch(config: Any, options: Any, text: np.ndarray) -> dict:
-  try:
-    import torch
-  except ImportError as e:
-    return dict(skipped=f'{e.name} is not installed (pip install -r requirements-test.txt)')
-  device = 'cuda' if torch.cuda.is_available() else 'cpu'
-  dtype = getattr(torch, options.dtype)
+  reference, skipped = TorchReference.create(options.dtype)
+  if reference is None:
+    return dict(skipped=skipped)
+  torch, device, dtype = reference.torch, reference.device, reference.dtype
   c = config.lm
   layout = lm_sampling.Layout.from_config(config)
   torch.manual_seed(0)
@@ -135,22 +131,10 @@ def run_torch(config: Any, options: Any, text: np.ndarray) -> dict:
       logits = forward(emb[token].expand(2, 1, d), prefix + i, cache)
     return token
 
-  def sync():
-    if device == 'cuda':
-      torch.cuda.synchronize()
-
   with torch.no_grad():
-    generate()
-    sync()
-    totals = []
-    for _ in range(options.repeats):
-      start = time.perf_counter()
-      generate()
-      sync()
-      totals.append(time.perf_counter() - start)
-  total = float(np.median(totals))
-  return dict(device=device, torch=torch.__version__, total_s=round(total, 4),
-              per_token_ms=round(1e3 * total / steps, 4))
+    timing = time_calls(generate, options.repeats, sync=reference.sync)
+  total = timing['median_s']
+  return dict(total_s=total, per_token_ms=round(1e3 * total / steps, 4), **reference.describe())
 
 
 def run(config: Any, options: Any) -> dict:

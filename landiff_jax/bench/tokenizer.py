@@ -10,10 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from landiff_jax.bench import device_peak_bytes, gib, time_calls
+from landiff_jax.bench import device_peak_bytes, gib, random_params, time_calls
 from landiff_jax.models import tokenizer as tokenizer_model
 from landiff_jax.nn import available_backends
-from landiff_jax.parallel import strip_partitioning
 
 BACKENDS = ('xla', 'cudnn', 'pallas', 'splash')
 
@@ -21,8 +20,7 @@ BACKENDS = ('xla', 'cudnn', 'pallas', 'splash')
 def run_backend(config: Any, options: Any, backend: str, features: np.ndarray) -> dict:
   dtype = jnp.dtype(options.dtype)
   model = tokenizer_model.build_tokenizer(config.tokenizer, dtype=dtype, attention_backend=backend)
-  params = jax.jit(lambda key: jax.tree.map(lambda p: p.astype(dtype) if p.dtype == jnp.float32 else p,
-                                            strip_partitioning(model.init_params(key))))(jax.random.key(0))
+  params = random_params(model.init_params, dtype)
   x = jnp.asarray(features, dtype)
   result = {}
   start = time.perf_counter()

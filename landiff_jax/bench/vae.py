@@ -13,9 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from landiff_jax.bench import device_peak_bytes, gib, time_calls
+from landiff_jax.bench import TorchReference, device_peak_bytes, gib, parameter_count, random_params, time_calls
 from landiff_jax.models import vae as vae_model
-from landiff_jax.parallel import strip_partitioning
 
 
 def latent_shape(config: Any, options: Any) -> tuple[int, ...]:
@@ -29,8 +28,7 @@ def latent_shape(config: Any, options: Any) -> tuple[int, ...]:
 def run_jax(config: Any, options: Any, latents: np.ndarray) -> dict:
   dtype = jnp.dtype(options.dtype)
   model = vae_model.build_vae(config.vae, dtype=dtype, with_encoder=False)
-  params = jax.jit(lambda key: jax.tree.map(lambda p: p.astype(dtype),
-                                            strip_partitioning(model.init_params(key))))(jax.random.key(0))
+  params = random_params(model.init_params, dtype)
   z = jnp.asarray(latents)
   start = time.perf_counter()
   compiled = vae_model._decode.lower(model, params, z).compile()
@@ -42,19 +40,17 @@ def run_jax(config: Any, options: Any, latents: np.ndarray) -> dict:
       output_shape=list(video.shape),
       peak_gib=gib(device_peak_bytes()),
       xla_temp_gib=gib(getattr(memory, 'temp_size_in_bytes', None)),
-      parameters=int(sum(p.size for p in jax.tree.leaves(params))),
+      parameters=parameter_count(params),
   )
   return result
 
 
 def run_diffusers(config: Any, options: Any, latents: np.ndarray) -> dict:
-  try:
-    import diffusers
-    import torch
-  except ImportError as e:
-    return dict(skipped=f'{e.name} is not installed (pip install -r requirements-test.txt)')
-  device = 'cuda' if torch.cuda.is_available() else 'cpu'
-  dtype = getattr(torch, options.dtype)
+  reference, skipped = TorchReference.create(options.dtype, need_diffusers=True)
+  if reference is None:
+    return dict(skipped=skipped)
+  import diffusers
+  torch, device, dtype = reference.torch, reference.device, reference.dtype
   vae = config.vae
   model = diffusers.AutoencoderKLCogVideoX(
       in_channels=vae.in_channels, out_channels=vae.in_channels, latent_channels=vae.latent_channels,
@@ -63,19 +59,9 @@ def run_diffusers(config: Any, options: Any, latents: np.ndarray) -> dict:
   del model.encoder
   model = model.to(device=device, dtype=dtype).eval()
   z = torch.from_numpy(latents).permute(0, 4, 1, 2, 3).to(device=device, dtype=dtype)
-
-  def sync(x):
-    if device == 'cuda':
-      torch.cuda.synchronize()
-    return x
-
-  if device == 'cuda':
-    torch.cuda.reset_peak_memory_stats()
   with torch.no_grad():
-    result = time_calls(lambda: model.decode(z).sample, options.repeats, sync=sync)
-  result.update(device=device, torch=torch.__version__, diffusers=diffusers.__version__,
-                peak_gib=gib(torch.cuda.max_memory_allocated()) if device == 'cuda' else None)
-  return result
+    result = time_calls(lambda: model.decode(z).sample, options.repeats, sync=reference.sync)
+  return dict(result, diffusers=diffusers.__version__, **reference.describe())
 
 
 def run(config: Any, options: Any) -> dict:

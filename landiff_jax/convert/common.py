@@ -69,14 +69,21 @@ class Mapper:
     """The nested parameter tree, or a ConversionError naming every missing, unexpected and mis-shaped key."""
     unexpected = [n for n in self.state_dict if n not in self.used and not ignored(n)]
     not_filled = ['/'.join(p) for p in self.expected if p not in self.out and not self.missing and not self.misshaped]
-    problems = [('missing', self.missing + not_filled), ('unexpected', unexpected), ('wrong shape', self.misshaped)]
-    if any(items for _, items in problems):
-      lines = [f'the {what} checkpoint does not match the config:']
-      for title, items in problems:
-        if items:
-          lines.append(f'  {len(items)} {title}: ' + ', '.join(items[:20]) + (' …' if len(items) > 20 else ''))
-      raise ConversionError('\n'.join(lines))
+    raise_problems(f'the {what} checkpoint does not match the config:', self.missing + not_filled, unexpected,
+                   self.misshaped)
     return nested(self.out)
+
+
+def raise_problems(headline: str, missing: list[str], unexpected: list[str], misshaped: list[str]) -> None:
+  """Raises one ConversionError listing every problem (the first 20 of each kind), if there is any."""
+  problems = [('missing', missing), ('unexpected', unexpected), ('wrong shape', misshaped)]
+  if not any(items for _, items in problems):
+    return
+  lines = [headline]
+  for title, items in problems:
+    if items:
+      lines.append(f'  {len(items)} {title}: ' + ', '.join(items[:20]) + (' …' if len(items) > 20 else ''))
+  raise ConversionError('\n'.join(lines))
 
 
 def linear(w: np.ndarray) -> np.ndarray:

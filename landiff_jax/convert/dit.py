@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from landiff_jax.convert import ConversionError
+from landiff_jax.convert.common import raise_problems
 from landiff_jax.models.dit import build_dit
 from landiff_jax.models.semantic_upsampler import build_semantic_upsampler
 from landiff_jax.nn.embeddings import cogvideox_3d_sincos_table
@@ -247,13 +248,8 @@ def convert_dit(state_dict: Mapping[str, np.ndarray], config: Any, *,
       params['upsampler'] = initial_upsampler(config.upsampler)
   unexpected = unexpected_names(state_dict, backbone_prefix, readers[0].used, control_prefix, control_used)
   misshaped = _check_shapes(params, config)
-  if missing or unexpected or misshaped:
-    lines = [f'the DiT checkpoint does not match the config (hidden {dit.hidden_size}, {dit.num_layers} layers, '
-             f'{num_control} control layers):']
-    for title, items in (('missing', missing), ('unexpected', unexpected), ('wrong shape', misshaped)):
-      if items:
-        lines.append(f'  {len(items)} {title}: ' + ', '.join(items[:20]) + (' …' if len(items) > 20 else ''))
-    raise ConversionError('\n'.join(lines))
+  raise_problems(f'the DiT checkpoint does not match the config (hidden {dit.hidden_size}, {dit.num_layers} layers, '
+                 f'{num_control} control layers):', missing, unexpected, misshaped)
   return {'params': params}
 
 

@@ -11,12 +11,10 @@ from collections.abc import Mapping
 import re
 from typing import Any
 
-import jax
 import numpy as np
 
-from landiff_jax.convert import ConversionError
+from landiff_jax.convert.common import expected_shapes, nested, raise_problems
 from landiff_jax.models import vae as vae_model
-from landiff_jax.parallel import strip_partitioning
 
 SAT_PREFIXES = ('first_stage_model.',)
 IGNORED_PREFIXES = ('loss.',)
@@ -59,10 +57,7 @@ def to_flax_layout(array: np.ndarray) -> np.ndarray:
 
 
 def expected_tree(config: Any, decoder_only: bool) -> dict[tuple[str, ...], tuple[int, ...]]:
-  model = vae_model.build_vae(config, with_encoder=not decoder_only)
-  shapes = strip_partitioning(jax.eval_shape(model.init_params, jax.random.key(0)))
-  flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
-  return {tuple(str(k.key) for k in path): tuple(leaf.shape) for path, leaf in flat}
+  return expected_shapes(vae_model.build_vae(config, with_encoder=not decoder_only).init_params)
 
 
 def convert_vae(state_dict: Mapping[str, np.ndarray], config: Any, *, decoder_only: bool = False) -> dict[str, Any]:
@@ -91,19 +86,8 @@ def convert_vae(state_dict: Mapping[str, np.ndarray], config: Any, *, decoder_on
       continue
     params[path] = value
   missing = ['/'.join(p[1:]) for p in expected if p not in params]
-  if missing or unexpected or misshaped:
-    layout = 'SAT' if sat else 'diffusers'
-    lines = [f'the VAE checkpoint ({layout} layout) does not match the config (channels {config.channels}, '
-             f'channel_mult {tuple(config.channel_mult)}, latent_channels {config.latent_channels}, '
-             f'num_res_blocks {config.num_res_blocks}):']
-    for title, items in (('missing', missing), ('unexpected', unexpected), ('wrong shape', misshaped)):
-      if items:
-        lines.append(f'  {len(items)} {title}: ' + ', '.join(items[:20]) + (' …' if len(items) > 20 else ''))
-    raise ConversionError('\n'.join(lines))
-  tree: dict[str, Any] = {}
-  for path, value in params.items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return tree
+  layout = 'SAT' if sat else 'diffusers'
+  raise_problems(f'the VAE checkpoint ({layout} layout) does not match the config (channels {config.channels}, '
+                 f'channel_mult {tuple(config.channel_mult)}, latent_channels {config.latent_channels}, '
+                 f'num_res_blocks {config.num_res_blocks}):', missing, unexpected, misshaped)
+  return nested(params)

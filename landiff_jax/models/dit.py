@@ -21,18 +21,11 @@ import jax
 import jax.numpy as jnp
 
 from landiff_jax.models.semantic_upsampler import SemanticUpsampler, build_semantic_upsampler
-from landiff_jax.nn import Dense, LayerNorm, MaskSpec, Mlp, attention, constrain
+from landiff_jax.nn import Dense, LayerNorm, MaskSpec, Mlp, attention, constrain, scan_layers
 from landiff_jax.nn.embeddings import TimestepMLP, cogvideox_3d_sincos_table, timestep_embedding
 
 Array = jax.Array
 SEQUENCE_AXES = ('batch', 'length', 'act_embed')
-
-REMAT_POLICIES = {
-    'none': None,
-    'nothing_saveable': jax.checkpoint_policies.nothing_saveable,
-    'dots_saveable': jax.checkpoint_policies.dots_saveable,
-    'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 # Order of the 12 adaLN chunks in the official checkpoint: video then text, attention then MLP.
 MODULATIONS = ('shift_attn', 'scale_attn', 'gate_attn', 'shift_mlp', 'scale_mlp', 'gate_mlp',
@@ -103,14 +96,10 @@ class ScannedBlock(nn.Module):
   projects the result through the step's zero linear."""
   block: dict
   zero_linear: bool = False
-  remat_policy: str = 'none'
 
   @nn.compact
   def __call__(self, h: Array, xs: Any, emb: Array, control: Array | None):
-    block_cls = DiTBlock
-    if self.remat_policy != 'none':
-      block_cls = nn.remat(DiTBlock, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
-    h = block_cls(**self.block, name='block')(h, emb)
+    h = DiTBlock(**self.block, name='block')(h, emb)
     if control is not None:
       index = xs
       residual = jax.lax.dynamic_index_in_dim(control, jnp.minimum(index, control.shape[0] - 1), keepdims=False)
@@ -193,18 +182,16 @@ class CogVideoXDiT(nn.Module):
     return Embeddings(c.hidden_size, c.time_embed_dim, c.time_freq_dim, c.patch_size, c.spatial_interpolation,
                       c.temporal_interpolation, dtype=self.dtype, name='embed')
 
-  def stack(self, num_layers: int, zero_linear: bool, with_control: bool, name: str):
-    return nn.scan(ScannedBlock, variable_axes={'params': 0}, split_rngs={'params': True},
-                   in_axes=(0, nn.broadcast, nn.broadcast), length=num_layers,
-                   metadata_params={nn.PARTITION_NAME: 'layers'})(
-                       self.block_kwargs(), zero_linear, self.remat_policy, name=name)
+  def stack(self, num_layers: int, zero_linear: bool, name: str):
+    return scan_layers(ScannedBlock, num_layers, self.block_kwargs(), zero_linear,
+                       in_axes=(0, nn.broadcast, nn.broadcast), remat_policy=self.remat_policy, name=name)
 
   @nn.compact
   def __call__(self, latents: Array, timesteps: Array, text: Array, control: Array | None = None) -> Array:
     c = self.config
     check_inputs(c, latents, timesteps, text)
     h, emb = self.embeddings()(latents, timesteps, text)
-    h, _ = self.stack(c.num_layers, False, control is not None, 'blocks')(
+    h, _ = self.stack(c.num_layers, False, 'blocks')(
         h, jnp.arange(c.num_layers), emb, control)
     b, t, height, width, _ = latents.shape
     grid = (t, height // c.patch_size, width // c.patch_size)
@@ -223,7 +210,7 @@ class ControlBranch(CogVideoXDiT):
     if condition.shape != latents.shape[-condition.ndim:]:
       raise ValueError(f'semantic condition {condition.shape} does not match the latents {latents.shape}.')
     h, emb = self.embeddings()(latents + condition.astype(latents.dtype), timesteps, text)
-    _, residuals = self.stack(self.num_layers, True, False, 'blocks')(h, jnp.arange(self.num_layers), emb, None)
+    _, residuals = self.stack(self.num_layers, True, 'blocks')(h, jnp.arange(self.num_layers), emb, None)
     return residuals
 
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from landiff_jax.nn import (Dense, Embed, GatedMlp, LayerNorm, MaskSpec, RMSNorm, TimestepMLP, apply_rope, attention,
-                            constrain, rope_1d_frequencies, timestep_embedding)
+                            constrain, rope_1d_frequencies, scan_layers, timestep_embedding)
 
 Array = jax.Array
 SEQUENCE_AXES = ('batch', 'length', 'act_embed')
@@ -97,12 +97,9 @@ class SemanticLM(nn.Module):
                                 (s.hidden_size,))
     self.micro = {key: TimestepMLP(s.micro_hidden, s.hidden_size, kernel_axes_out=(None, 'embed'), dtype=self.dtype,
                                    name=f'micro_{key}') for key in s.micro_conditions}
-    block = Block
-    if self.remat_policy != 'none':
-      block = nn.remat(Block, policy=getattr(jax.checkpoint_policies, self.remat_policy), prevent_cse=False)
-    self.blocks = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
-                          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=s.num_layers,
-                          metadata_params={nn.PARTITION_NAME: 'layers'})(s, self.backend, self.dtype, name='blocks')
+    self.blocks = scan_layers(Block, s.num_layers, s, self.backend, self.dtype,
+                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), remat_policy=self.remat_policy,
+                              name='blocks')
     self.final_norm = LayerNorm(s.final_norm_eps, dtype=jnp.float32, name='final_norm')
     self.head = Dense(s.vocab_size, use_bias=False, kernel_axes=('embed', 'vocab'), dtype=jnp.float32,
                       name='head')

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from landiff_jax.models.quantizer import VectorQuantizer
 from landiff_jax.nn import (Dense, LayerNorm, MaskSpec, Mlp, VideoTokenLayout, apply_rope, attention, constrain,
-                            rope_3d_frequencies, video_token_positions)
+                            rope_3d_frequencies, scan_layers, video_token_positions)
 
 Array = jax.Array
 SEQUENCE_AXES = ('batch', 'length', 'act_embed')
@@ -109,12 +109,7 @@ class Block(nn.Module):
 
 
 def transformer(s: TokenizerSettings, mask: MaskSpec, backend: str, dtype: Any, remat_policy: str = 'none'):
-  block = Block
-  if remat_policy != 'none':
-    block = nn.remat(Block, policy=getattr(jax.checkpoint_policies, remat_policy), prevent_cse=False)
-  return nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True}, in_axes=nn.broadcast,
-                 length=s.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})(
-                     s, mask, backend, dtype, name='transformer')
+  return scan_layers(Block, s.num_layers, s, mask, backend, dtype, remat_policy=remat_policy, name='transformer')
 
 
 class TokenizerEncoder(nn.Module):

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from landiff_jax import checkpoints
-from landiff_jax.data.sources import NpzDirectory
+from landiff_jax.train.tasks.base import StageTask
 from landiff_jax.models import dit as dit_model
 
 EXAMPLE_KEYS = ('latents', 'text', 'features')
@@ -38,11 +36,13 @@ def training_alphas(diffusion_config: Any) -> np.ndarray:
   return a.astype(np.float32)
 
 
-class DiffusionTask:
+class DiffusionTask(StageTask):
   """The `landiff_jax.train.Task` of the diffusion stage."""
 
+  example_keys = EXAMPLE_KEYS
+
   def __init__(self, config: Any, examples: Any = None):
-    self.config = config
+    super().__init__(config, examples)
     dtype = jnp.dtype(config.compute_dtype)
     self.model = dit_model.build_dit(config, dtype=dtype, remat_policy=config.remat_policy)
     if not self.model.num_control_layers or self.model.upsampler is None:
@@ -50,22 +50,10 @@ class DiffusionTask:
     self.alphas = jnp.asarray(training_alphas(config.diffusion))
     self.text_dropout = float(config.diffusion.text_dropout)
     self.prefix_frames = int(config.diffusion.prefix_frames)
-    self.examples = examples
-
-  def dataset(self) -> grain.MapDataset:
-    if self.examples is not None:
-      return grain.MapDataset.source(self.examples)
-    return grain.MapDataset.source(NpzDirectory(self.config.train.data_dir, EXAMPLE_KEYS))
 
   def init_params(self, rng: jax.Array, example_batch: Any) -> Any:
     del example_batch
     return self.model.init_params(rng)
-
-  def pretrained_params(self) -> Any:
-    """The converted (or earlier trained) renderer of `train.init_from`, if set."""
-    if not self.config.train.init_from:
-      return None
-    return jax.device_get(checkpoints.load_params(self.config.train.init_from))
 
   def count_units(self, batch: Any) -> dict[str, Any]:
     return {'samples': batch['latents'].shape[0], 'frames': batch['latents'].shape[0] * batch['latents'].shape[1]}

@@ -11,45 +11,34 @@ from __future__ import annotations
 
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from landiff_jax import checkpoints
-from landiff_jax.data.sources import NpzDirectory
+from landiff_jax.train.tasks.base import StageTask
 from landiff_jax.models import lm as lm_model
 from landiff_jax.sampling.lm import Layout
 
 EXAMPLE_KEYS = ('ids', 'text', 'text_length', 'motion_score')
 
 
-class LMTask:
+class LMTask(StageTask):
   """The `landiff_jax.train.Task` of the LM stage."""
 
+  example_keys = EXAMPLE_KEYS
+
   def __init__(self, config: Any, examples: Any = None):
-    self.config = config
+    super().__init__(config, examples)
     c = config.lm
     self.model = lm_model.build_lm(c, dtype=jnp.dtype(config.compute_dtype), remat_policy=config.remat_policy,
                                    attention_backend=config.attention_backend)
     self.layout = Layout.from_config(config)
     self.dropout = {'text': float(c.text_dropout), 'motion_score': float(c.motion_dropout),
                     'frames': float(c.frames_dropout)}
-    self.examples = examples
-
-  def dataset(self) -> grain.MapDataset:
-    if self.examples is not None:
-      return grain.MapDataset.source(self.examples)
-    return grain.MapDataset.source(NpzDirectory(self.config.train.data_dir, EXAMPLE_KEYS))
 
   def init_params(self, rng: jax.Array, example_batch: Any) -> Any:
     del example_batch
     return self.model.init_params(rng)
-
-  def pretrained_params(self) -> Any:
-    if not self.config.train.init_from:
-      return None
-    return jax.device_get(checkpoints.load_params(self.config.train.init_from))
 
   def groups(self, batch: Any) -> int:
     tokens = batch['ids'].shape[1]

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 
-from landiff_jax import checkpoints
-from landiff_jax.data.sources import NpzDirectory
 from landiff_jax.models import tokenizer as tokenizer_model
 from landiff_jax.models.quantizer import squared_distances
 from landiff_jax.train.loop import STATE_UPDATE_KEY
+from landiff_jax.train.tasks.base import StageTask
 from landiff_jax.train.optimizer import flatten_params, split_frozen, unflatten_params
 
 CODEBOOK_PATH = 'params/quantizer/codebook'
@@ -47,27 +45,23 @@ def kmeans(x: jax.Array, k: int, iterations: int, rng: jax.Array) -> tuple[jax.A
   return centroids, counts[-1]
 
 
-class TokenizerTask:
+class TokenizerTask(StageTask):
   """The `landiff_jax.train.Task` of the tokenizer stage."""
 
+  example_keys = ('features',)
+
   def __init__(self, config: Any, examples: Any = None):
-    self.config = config
+    super().__init__(config, examples)
     q = config.tokenizer.quantizer
     missing = [r for r in REQUIRED_FROZEN if r not in config.train.frozen]
     if missing:
       raise ValueError(f'train.frozen must include {list(REQUIRED_FROZEN)} (the codebook learns by EMA, not by the '
-                       f'optimizer); use configs/train_tokenizer.py or add {missing}.')
+                       f'optimizer); use configs/train.py:tokenizer or add {missing}.')
     self.model = tokenizer_model.build_tokenizer(config.tokenizer, dtype=jnp.dtype(config.compute_dtype),
                                                  remat_policy=config.remat_policy)
     self.decay, self.threshold = float(q.ema_decay), float(q.dead_code_threshold)
     self.commitment_weight, self.reconstruction_weight = float(q.commitment_weight), float(q.reconstruction_weight)
     self.kmeans_init = bool(q.kmeans_init)
-    self.examples = examples
-
-  def dataset(self) -> grain.MapDataset:
-    if self.examples is not None:
-      return grain.MapDataset.source(self.examples)
-    return grain.MapDataset.source(NpzDirectory(self.config.train.data_dir, ('features',)))
 
   def init_params(self, rng: jax.Array, example_batch: Any) -> Any:
     model_rng, kmeans_rng = jax.random.split(rng)
@@ -86,11 +80,6 @@ class TokenizerTask:
       ema = {'embed_avg': centroids * counts[:, None], 'cluster_size': counts, 'initted': jnp.ones(())}
     variables[EMA_COLLECTION] = ema
     return variables
-
-  def pretrained_params(self) -> Any:
-    if not self.config.train.init_from:
-      return None
-    return jax.device_get(checkpoints.load_params(self.config.train.init_from))
 
   def loss_fn(self, params: Any, batch: Any, rng: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
     del rng

@@ -1,0 +1,39 @@
+"""Training configs, one per stage: `--config=configs/train.py:STAGE` (full size) or `:STAGE,tiny` (toy sizes).
+
+    landiff-jax train tokenizer --config=configs/train.py:tokenizer \
+        --config.train.data_dir=data/theia-features --config.train.workdir=runs/tokenizer
+    landiff-jax train lm --config=configs/train.py:lm \
+        --config.train.data_dir=data/lm-tokens --config.train.workdir=runs/lm
+    landiff-jax train diffusion --config=configs/train.py:diffusion --config.train.init_from=models/landiff-dit \
+        --config.train.data_dir=data/diffusion --config.train.workdir=runs/diffusion
+"""
+
+import importlib.util
+import os
+
+# What each stage does not train with the optimizer (regexes on '/'-joined parameter paths).
+FROZEN = {
+    # the codebook and its EMA statistics learn by EMA (TokenizerTask.update_frozen)
+    'tokenizer': ['quantizer/codebook', '^quantizer_ema/'],
+    'lm': [],
+    # the CogVideoX-2B backbone: no gradients, no optimizer state
+    'diffusion': ['^params/dit/'],
+}
+
+
+def _load(name):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'_landiff_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def get_config(arg):
+  stage, _, size = (arg or '').partition(',')
+  if stage not in FROZEN or size not in ('', 'tiny'):
+    raise ValueError(f'use configs/train.py:STAGE or :STAGE,tiny with STAGE one of {sorted(FROZEN)}; got {arg!r}.')
+  config = _load('tiny' if size else 'landiff_official')
+  config.name = f'train_{stage}{"_tiny" if size else ""}'
+  config.train.frozen = list(FROZEN[stage])
+  return config

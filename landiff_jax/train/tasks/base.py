@@ -1,0 +1,31 @@
+"""What every stage's task shares: examples from memory or a directory, and an optional pretrained start."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import jax
+
+from landiff_jax import checkpoints
+from landiff_jax.data.sources import NpzDirectory
+
+
+class StageTask:
+  """Base of the stage tasks. `examples` (a list of example dicts) replaces `train.data_dir` when given."""
+  example_keys: tuple[str, ...] = ()
+
+  def __init__(self, config: Any, examples: Any = None):
+    self.config = config
+    self.examples = examples
+
+  def dataset(self) -> grain.MapDataset:
+    if self.examples is not None:
+      return grain.MapDataset.source(self.examples)
+    return grain.MapDataset.source(NpzDirectory(self.config.train.data_dir, self.example_keys))
+
+  def pretrained_params(self) -> Any:
+    """The parameters of the model directory `train.init_from`, if set."""
+    if not self.config.train.init_from:
+      return None
+    return jax.device_get(checkpoints.load_params(self.config.train.init_from))
