@@ -35,7 +35,7 @@ def tiny(workdir, *overrides):
 def backbone_dir(tmp_path_factory):
   """A renderer model directory (standing in for a converted CogVideoX-2B) to start from."""
   task = DiffusionTask(tiny('unused'))
-  params = jax.device_get(strip_partitioning(task.model.init_params(jax.random.key(7))))
+  params = jax.device_get(jax.jit(lambda key: strip_partitioning(task.model.init_params(key)))(jax.random.key(7)))
   path = tmp_path_factory.mktemp('renderer') / 'dit'
   section = load_config('configs/tiny.py')
   part_config = type(section)({name: section[name].to_dict() for name in ('dit', 'control', 'upsampler')})
