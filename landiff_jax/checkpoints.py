@@ -28,6 +28,8 @@ PARAMS_DIR = 'params'
 MODEL_BUILDERS: dict[str, str] = {
     'dit': 'landiff_jax.models.dit:build_dit',
     'lm': 'landiff_jax.models.lm:build_lm',
+    't5_dit': 'landiff_jax.models.t5:build_t5',
+    't5_lm': 'landiff_jax.models.t5:build_t5',
     'tokenizer': 'landiff_jax.models.tokenizer:build_tokenizer',
     'vae': 'landiff_jax.models.vae:build_vae',
 }

@@ -74,6 +74,8 @@ CONVERTERS = {
     'dit': ('landiff_jax.convert.dit:convert_dit', ('dit', 'control', 'upsampler')),
     'tokenizer': ('landiff_jax.convert.tokenizer:convert_tokenizer', 'tokenizer'),
     'lm': ('landiff_jax.convert.lm:convert_lm', 'lm'),
+    't5_lm': ('landiff_jax.convert.t5:convert_t5', 't5_lm'),  # Flan-T5-XXL (the LM's text encoder)
+    't5_dit': ('landiff_jax.convert.t5:convert_t5', 't5_dit'),  # T5-v1.1-XXL (the DiT's text encoder)
 }
 
 

@@ -63,7 +63,18 @@ class Mapper:
       self.missing.extend(absent)
       return
     values = [np.asarray(self.state_dict[n], np.float32) for n in names]
-    self.put(path, np.stack([transform(v) if transform else v for v in values]), f'{names[0]} (stacked)')
+    per_layer = self.expected.get(path, (None,))[1:]
+    converted = []
+    for name, value in zip(names, values):
+      try:
+        value = transform(value) if transform else value
+      except ValueError:  # e.g. a reshape that does not fit
+        pass
+      if value.shape != per_layer:
+        self.misshaped.append(f'{name}: {tuple(self.state_dict[name].shape)}, expected {per_layer} after conversion')
+      converted.append(value)
+    if all(v.shape == per_layer for v in converted):
+      self.put(path, np.stack(converted), f'{names[0]} (stacked)')
 
   def result(self, what: str, ignored: Callable[[str], bool] = lambda name: False) -> dict[str, Any]:
     """The nested parameter tree, or a ConversionError naming every missing, unexpected and mis-shaped key."""
