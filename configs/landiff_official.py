@@ -244,6 +244,9 @@ def diffusion_config():
           uncond_text='zeros',
           text_dropout=0.1,  # training: share of examples whose text features are zeroed (CFG)
           prefix_frames=0,  # clean latent frames held fixed (the release's fixed_frames); 0 = off
+          # long videos: windows of 13 latent frames overlapping by this many clean frames (the release's commented
+          # `fixed_frames: 7`); see landiff_jax/sampling/streaming.py
+          stream_overlap=7,
       ))
 
 

@@ -25,7 +25,7 @@ def get_config():
   config.theia.update(dict(patch_size=4, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64,
                            pretrained_grid=4, output_grid=(2, 3)))
 
-  config.tokenizer.update(dict(feature_dim=32, frames_per_group=3, feature_grid=(2, 2), num_iframe_tokens=3,
+  config.tokenizer.update(dict(feature_dim=32, frames_per_group=3, feature_grid=(2, 3), num_iframe_tokens=3,
                                num_pframe_tokens=2, width=32, num_layers=2, num_heads=2, token_size=32,
                                decoder_ffn_dim=48, attention_block_size=8))
   config.tokenizer.quantizer.update(dict(codebook_size=16, codebook_dim=4))
@@ -53,6 +53,7 @@ def get_config():
   config.vae.update(dict(latent_channels=4, channels=8, channel_mult=(1, 2, 2, 2), num_res_blocks=1, num_groups=4))
 
   config.diffusion.num_steps = 4
+  config.diffusion.stream_overlap = 1
   config.video.update(dict(height=32, width=48, num_frames=9))
 
   config.train.update(dict(num_steps=20, batch_size=8, learning_rate=1e-2, warmup_steps=2, checkpoint_every=10,

@@ -91,6 +91,8 @@ def cmd_convert(args, config) -> int:
   from landiff_jax import checkpoints
   from landiff_jax.convert import ConversionError, io
 
+  if args.part == 'all':
+    return convert_all(args, config)
   if os.path.exists(args.dst) and not args.overwrite:
     print(f'landiff-jax: error: {args.dst} already exists; choose another --dst or pass --overwrite.',
           file=sys.stderr)
@@ -174,10 +176,101 @@ def cmd_train(args, config) -> int:
   return 0
 
 
+def convert_all(args, config) -> int:
+  from landiff_jax.convert import ConversionError
+  from landiff_jax.convert.release import convert_release
+  from landiff_jax.checkpoints import CheckpointError
+
+  try:
+    report = convert_release(args.src, args.dst, config, t5=args.t5 or None, flan_t5=args.flan_t5 or None)
+  except (ConversionError, CheckpointError, FileNotFoundError) as e:
+    print(f'landiff-jax: error: {e}', file=sys.stderr)
+    return 1
+  print('\n'.join(f'  {part}: {state}' for part, state in report.items()))
+  print(f'pipeline directory ready: {args.dst}  (landiff-jax generate --ckpt {args.dst} --prompt "...")')
+  return 0
+
+
+def read_prompts(path: str) -> list[str]:
+  with open(path) as f:
+    lines = [line.rstrip('\n') for line in f]
+  while lines and not lines[-1].strip():
+    lines.pop()
+  empty = [i + 1 for i, line in enumerate(lines) if not line.strip()]
+  if empty or not lines:
+    raise ValueError(f'{path}: line(s) {empty or [1]} hold no prompt; write one prompt per line.')
+  return lines
+
+
+def output_paths(args, count: int) -> list[str]:
+  import os
+  if count == 1 and not args.prompts:
+    paths = [args.out]
+  else:  # a folder of videos, created when its parent exists
+    if os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+      os.makedirs(args.out, exist_ok=True)
+    paths = [os.path.join(args.out, f'{i:03d}.mp4') for i in range(count)]
+  for path in paths:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+      raise ValueError(f'the output folder {folder} does not exist; create it first.')
+    if not os.access(folder, os.W_OK):
+      raise ValueError(f'the output folder {folder} is not writable.')
+    if os.path.exists(path) and not args.overwrite:
+      raise ValueError(f'{path} already exists; pass --overwrite or choose another --out.')
+  return paths
+
+
+def contact_sheet(frames, path: str, columns: int = 7) -> None:
+  import numpy as np
+  from PIL import Image
+  picks = frames[np.linspace(0, len(frames) - 1, min(columns, len(frames))).round().astype(int)]
+  Image.fromarray(np.concatenate(list(picks), axis=1)).save(path)
+
+
+def cmd_generate(args, config) -> int:
+  """Generates videos from prompts with a converted (or the demo) pipeline directory."""
+  import os
+  import time
+
+  import numpy as np
+
+  from landiff_jax import pipeline
+  from landiff_jax.data.video import write_video
+
+  try:
+    prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
+    if not prompts[0] or not prompts[0].strip():
+      raise ValueError('give a prompt with --prompt "..." or a file of prompts with --prompts FILE.')
+    paths = output_paths(args, len(prompts))
+    # the pipeline directory's own config, with this command line's --config.* overrides on top
+    pipe_config = config_lib.apply_overrides(pipeline.load_config(args.ckpt), args.overrides)
+    start = time.perf_counter()
+    pipe = pipeline.load(args.ckpt, config=pipe_config, progress=lambda message: print(f'  {message}', flush=True))
+    print(f'loaded {args.ckpt} in {time.perf_counter() - start:.1f} s')
+    for prompt, path in zip(prompts, paths):
+      print(f'{prompt!r} → {path}')
+      result = pipe.generate(prompt, seed=args.seed, motion_score=args.motion, lm_cfg=args.lm_cfg,
+                             dit_steps=args.steps, num_groups=args.groups)
+      write_video(path, result.video, fps=result.fps)
+      base = os.path.splitext(path)[0]
+      if args.save_ids:
+        np.save(base + '.ids.npy', result.ids)
+      if args.save_frames:
+        contact_sheet(result.video, base + '.frames.png')
+      print(f'  wrote {len(result.video)} frames {result.video.shape[1]}x{result.video.shape[2]} at {result.fps} fps '
+            f'in {result.seconds["total"]:.1f} s')
+  except (ValueError, FileNotFoundError, pipeline.PipelineError, config_lib.ConfigError) as e:
+    print(f'landiff-jax: error: {e}', file=sys.stderr)
+    return 1
+  return 0
+
+
 COMMANDS = {
     'config': (cmd_config, 'print the resolved config (with --config.* overrides applied)'),
     'devices': (cmd_devices, 'list devices and the device mesh built from the config'),
     'convert': (cmd_convert, 'convert a part of the official PyTorch release into a landiff-jax model directory'),
+    'generate': (cmd_generate, 'generate videos from text prompts'),
     'train': (cmd_train, 'train one stage (tokenizer, lm, diffusion) with the sharded training loop'),
     'bench': (cmd_bench, 'time a model at the configured size (peak memory too), next to the PyTorch reference'),
 }
@@ -195,9 +288,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flag(command)
     if name == 'config':
       command.add_argument('--json', action='store_true', help='print as JSON')
+    if name == 'generate':
+      command.add_argument('--ckpt', required=True, help='pipeline directory (from `landiff-jax convert all`)')
+      command.add_argument('--prompt', default='', help='what the video shows')
+      command.add_argument('--prompts', default='', help='a text file with one prompt per line (then --out is a folder)')
+      command.add_argument('--out', default='video.mp4', help='mp4 to write (or a folder with --prompts)')
+      command.add_argument('--seed', type=int, default=None, help='default: the official 42')
+      command.add_argument('--motion', type=float, default=None, help='motion score in [0, 1] (default 0.1)')
+      command.add_argument('--lm-cfg', type=float, default=None, help='LM guidance scale (default 7.5)')
+      command.add_argument('--steps', type=int, default=None, help='diffusion steps (default 50)')
+      command.add_argument('--groups', type=int, default=1, help='13-frame semantic groups (more = longer video)')
+      command.add_argument('--save-ids', action='store_true', help='also write the semantic ids (.ids.npy)')
+      command.add_argument('--save-frames', action='store_true', help='also write a PNG contact sheet of frames')
+      command.add_argument('--overwrite', action='store_true', help='replace existing outputs')
     if name == 'convert':
-      command.add_argument('part', choices=sorted(CONVERTERS), help='which part of the release to convert')
-      command.add_argument('--src', required=True, help='official checkpoint file or directory')
+      command.add_argument('part', choices=sorted(CONVERTERS) + ['all'], help='which part of the release to convert')
+      command.add_argument('--src', required=True, help='official checkpoint file or directory (all: ckpts/LanDiff)')
+      command.add_argument('--t5', default='', help='all: T5-v1.1-XXL directory (default: in the release)')
+      command.add_argument('--flan-t5', default='', help='all: Flan-T5-XXL directory with its tokenizer')
       command.add_argument('--dst', required=True, help='model directory to write')
       command.add_argument('--overwrite', action='store_true', help='replace an existing --dst')
       command.add_argument('--decoder-only', action='store_true',
@@ -230,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
       parser.print_help()
       return 0
     config = config_lib.load_config(args.config, overrides)
+    args.overrides = overrides
   except config_lib.ConfigError as e:
     print(f'landiff-jax: error: {e}', file=sys.stderr)
     return 2

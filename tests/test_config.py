@@ -62,6 +62,12 @@ def test_config_is_internally_consistent(name):
   assert c.upsampler.target_channels == c.dit.in_channels == c.vae.latent_channels
   assert c.upsampler.in_channels == c.tokenizer.feature_dim
   assert c.video.num_frames == 1 + c.vae.temporal_compression * (c.dit.latent_frames - 1)
+  # semantic frame i conditions latent frame i, upsampled 2x in space to the latent grid
+  assert c.tokenizer.frames_per_group == c.dit.latent_frames
+  assert tuple(2 * g for g in c.tokenizer.feature_grid) == (c.dit.latent_height, c.dit.latent_width)
+  assert (c.dit.latent_height * c.vae.spatial_compression, c.dit.latent_width * c.vae.spatial_compression) == (
+      c.video.height, c.video.width)
+  assert c.t5_dit.max_length == c.dit.text_length
 
 
 def test_overrides_are_parsed_as_the_type_they_replace():

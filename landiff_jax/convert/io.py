@@ -96,8 +96,12 @@ def iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
     if dtype is None:
       raise ConversionError(f'{path}: tensor {name!r} has unsupported dtype {entry["dtype"]}.')
     begin, end = entry['data_offsets']
-    raw = data[data_start + begin:data_start + end]
-    yield name, raw.view(dtype).reshape(entry['shape'])
+    expected = int(np.prod(entry['shape'], dtype=np.int64)) * np.dtype(dtype).itemsize
+    if end - begin != expected or data_start + end > data.shape[0]:
+      raise ConversionError(f'{path} is truncated or corrupt: tensor {name!r} ({entry["dtype"]} {entry["shape"]}) '
+                            f'needs bytes [{data_start + begin}, {data_start + end}) but the file has '
+                            f'{data.shape[0]}. Download it again.')
+    yield name, data[data_start + begin:data_start + end].view(dtype).reshape(entry['shape'])
 
 
 def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:

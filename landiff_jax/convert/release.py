@@ -1,0 +1,126 @@
+"""`landiff-jax convert all`: the whole official release (reference landiff-official.md §1) → one pipeline directory.
+
+    ckpts/LanDiff/llm/model.safetensors                                  → lm
+    ckpts/LanDiff/tokenizer/model.safetensors                            → tokenizer
+    ckpts/LanDiff/diffusion/1/mp_rank_00_model_states.pt
+      over CogVideoX-2b-sat/transformer/1000/mp_rank_00_model_states.pt  → dit (backbone, control, upsampler)
+    ckpts/LanDiff/CogVideoX-2b-sat/vae/3d-vae.pt                         → vae
+    CogVideoX-2b-sat/t5-v1_1-xxl/ (or --t5)                              → t5_dit + t5_dit_tokenizer/
+    --flan-t5 DIR (not part of the release)                              → t5_lm + t5_lm_tokenizer/
+
+Each part is converted and written on its own (its tensors are released before the next part is read); a part whose
+sources are unchanged since it was written (size and modification time, kept in `manifest.json`) is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Callable
+
+import ml_collections
+
+from landiff_jax import checkpoints, pipeline
+from landiff_jax.convert import ConversionError, io
+from landiff_jax.convert.dit import convert_dit
+from landiff_jax.convert.lm import convert_lm
+from landiff_jax.convert.t5 import convert_t5
+from landiff_jax.convert.tokenizer import convert_tokenizer
+from landiff_jax.convert.vae import convert_vae
+
+MANIFEST = 'manifest.json'
+TOKENIZER_FILES = ('spiece.model', 'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
+                   'added_tokens.json')
+
+
+def release_sources(src: str, t5: str | None, flan_t5: str | None) -> dict[str, dict[str, str]]:
+  """part → {'src': path, optional 'base': path}; raises naming every missing file."""
+  cog = os.path.join(src, 'CogVideoX-2b-sat')
+  sources = {
+      'lm': {'src': os.path.join(src, 'llm', 'model.safetensors')},
+      'tokenizer': {'src': os.path.join(src, 'tokenizer', 'model.safetensors')},
+      'dit': {'src': os.path.join(src, 'diffusion', '1', 'mp_rank_00_model_states.pt'),
+              'base': os.path.join(cog, 'transformer', '1000', 'mp_rank_00_model_states.pt')},
+      'vae': {'src': os.path.join(cog, 'vae', '3d-vae.pt')},
+      't5_dit': {'src': t5 or os.path.join(cog, 't5-v1_1-xxl')},
+      't5_lm': {'src': flan_t5 or ''},
+  }
+  missing = []
+  for part, paths in sources.items():
+    for role, path in paths.items():
+      if not path:
+        missing.append(f'{part}: pass --flan-t5 DIR (google/flan-t5-xxl with its tokenizer; not in the release)')
+      elif not os.path.exists(path):
+        missing.append(f'{part} ({role}): {path}')
+  if missing:
+    raise ConversionError('the release is incomplete:\n  ' + '\n  '.join(missing))
+  return sources
+
+
+def fingerprint(paths: dict[str, str]) -> dict[str, list]:
+  out = {}
+  for role, path in paths.items():
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+    out[role] = [[os.path.relpath(f, path) if f != path else '', os.path.getsize(f), int(os.path.getmtime(f))]
+                 for f in files]
+  return out
+
+
+def copy_tokenizer(src_dir: str, dst_dir: str) -> None:
+  files = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src_dir, f))]
+  if not any(f in files for f in ('spiece.model', 'tokenizer.json')):
+    raise ConversionError(f'{src_dir} has no T5 tokenizer (spiece.model or tokenizer.json).')
+  tmp = dst_dir + '.partial'
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  for f in files:
+    shutil.copy2(os.path.join(src_dir, f), os.path.join(tmp, f))
+  shutil.rmtree(dst_dir, ignore_errors=True)
+  os.replace(tmp, dst_dir)
+
+
+def convert_part(part: str, paths: dict[str, str], config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+  """(params, part config) of one part."""
+  state = io.load_state_dict(paths['src'])
+  if part == 'dit':
+    part_config = ml_collections.ConfigDict({k: config[k].to_dict() for k in ('dit', 'control', 'upsampler')})
+    return convert_dit(state, part_config, base_state_dict=io.load_state_dict(paths['base'])), part_config
+  converters = {'lm': convert_lm, 'tokenizer': convert_tokenizer, 'vae': convert_vae, 't5_dit': convert_t5,
+                't5_lm': convert_t5}
+  section = config[part].copy_and_resolve_references()
+  return converters[part](state, section), section
+
+
+def convert_release(src: str, dst: str, config: ml_collections.ConfigDict, *, t5: str | None = None,
+                    flan_t5: str | None = None, log: Callable[[str], None] = print) -> dict[str, str]:
+  """Converts every part into `dst`; returns part → 'converted' | 'unchanged'."""
+  sources = release_sources(src, t5, flan_t5)
+  os.makedirs(dst, exist_ok=True)
+  manifest_path = os.path.join(dst, MANIFEST)
+  manifest = {}
+  if os.path.isfile(manifest_path):
+    with open(manifest_path) as f:
+      manifest = json.load(f)
+  report = {}
+  for part, paths in sources.items():
+    stamp = fingerprint(paths)
+    out = os.path.join(dst, part)
+    if manifest.get(part) == stamp and os.path.isdir(out):
+      report[part] = 'unchanged'
+      log(f'{part}: unchanged since the last conversion, kept')
+      continue
+    log(f'{part}: converting {paths["src"]}' + (f' over {paths["base"]}' if 'base' in paths else ''))
+    params, part_config = convert_part(part, paths, config)
+    checkpoints.save(out, part=part, config=part_config, params=params, overwrite=True, source=paths['src'])
+    del params
+    if part in pipeline.TEXT_TOKENIZERS:
+      copy_tokenizer(paths['src'], os.path.join(dst, pipeline.TEXT_TOKENIZERS[part]))
+    manifest[part] = stamp
+    with open(manifest_path + '.partial', 'w') as f:
+      json.dump(manifest, f, indent=1)
+    os.replace(manifest_path + '.partial', manifest_path)
+    report[part] = 'converted'
+  pipeline.save_config(dst, config)
+  return report

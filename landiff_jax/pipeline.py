@@ -1,0 +1,200 @@
+"""Text to video: prompt → semantic ids (T5 + LM) → semantic features (tokenizer decoder) → condition (upsampler)
+→ latents (DiT + control branch, DPM-Solver++ sampler; streamed windows for several groups) → frames (VAE).
+
+A pipeline directory (written by `landiff-jax convert all`) holds one model directory per part (`t5_lm`, `t5_dit`,
+`lm`, `tokenizer`, `dit`, `vae`), the two T5 tokenizers (`t5_lm_tokenizer/`, `t5_dit_tokenizer/`) and the full
+config (`landiff.json`). Every stage is jit-compiled once and reused across prompts of the same shape.
+
+    pipe = landiff_jax.pipeline.load('models/landiff')
+    result = pipe.generate('a red circle moving right', seed=42)
+    result.video  # uint8 [frames, height, width, 3]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from landiff_jax import checkpoints
+from landiff_jax.models import dit as dit_model
+from landiff_jax.models import t5 as t5_model
+from landiff_jax.models import tokenizer as tokenizer_model
+from landiff_jax.models import vae as vae_model
+from landiff_jax.sampling import diffusion, streaming
+from landiff_jax.sampling import lm as lm_sampling
+from landiff_jax.sampling.render import Renderer
+
+PARTS = ('t5_lm', 't5_dit', 'lm', 'tokenizer', 'dit', 'vae')
+TEXT_TOKENIZERS = {'t5_lm': 't5_lm_tokenizer', 't5_dit': 't5_dit_tokenizer'}
+CONFIG_FILE = 'landiff.json'
+
+
+class PipelineError(ValueError):
+  """A pipeline directory that cannot be used; the message names what is missing and how to make it."""
+
+
+@dataclasses.dataclass
+class Generation:
+  video: np.ndarray  # uint8 [frames, height, width, 3]
+  ids: np.ndarray  # int32 [groups · tokens_per_group]
+  fps: int
+  seconds: dict[str, float]  # per stage
+
+
+def save_config(directory: str, config: ml_collections.ConfigDict) -> None:
+  with open(os.path.join(directory, CONFIG_FILE), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
+def load_config(directory: str) -> ml_collections.ConfigDict:
+  path = os.path.join(directory, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise PipelineError(f'{directory} is not a pipeline directory (no {CONFIG_FILE}); make one with '
+                        f'`landiff-jax convert all --dst {directory} ...`.')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+class Pipeline:
+
+  def __init__(self, config: ml_collections.ConfigDict, parts: dict[str, tuple[Any, Any]], text_tokenizers: dict,
+               progress: Callable[[str], None] | None = None):
+    self.config = config
+    self.parts = parts
+    self.text_tokenizers = text_tokenizers
+    self.layout = lm_sampling.Layout.from_config(config)
+    self.progress = progress or (lambda message: None)
+    self._renderers: dict[int, Renderer] = {}
+    dit, _ = parts['dit']
+    self._condition = jax.jit(lambda params, features: dit.apply(params, features,
+                                                                 method=dit_model.ControlledDiT.semantic_condition))
+
+  @classmethod
+  def load(cls, directory: str, config: ml_collections.ConfigDict | None = None, dtype: Any = None,
+           progress: Callable[[str], None] | None = None) -> Pipeline:
+    config = config or load_config(directory)
+    dtype = jnp.dtype(dtype or config.compute_dtype)
+    missing = [p for p in PARTS if not os.path.isdir(os.path.join(directory, p))]
+    missing += [t for t in TEXT_TOKENIZERS.values() if not os.path.isdir(os.path.join(directory, t))]
+    if missing:
+      raise PipelineError(f'{directory} lacks {", ".join(missing)}; convert the release with `landiff-jax convert all`.')
+    backend = config.attention_backend
+    if backend == 'xla' and jax.default_backend() == 'gpu':
+      backend = 'cudnn'  # the xla reference would materialise every score matrix at full size
+    parts = {}
+    for name in PARTS:
+      kwargs = {'attention_backend': backend} if name in ('dit', 'lm', 'tokenizer') else {}
+      parts[name] = checkpoints.load(os.path.join(directory, name), dtype=dtype, **kwargs)
+    tokenizers = {name: t5_model.load_tokenizer(os.path.join(directory, sub)) for name, sub in TEXT_TOKENIZERS.items()}
+    return cls(config, parts, tokenizers, progress)
+
+  # --- stages -------------------------------------------------------------------------------------------------
+
+  def lm_text(self, prompt: str) -> np.ndarray:
+    model, params = self.parts['t5_lm']
+    ids, mask = t5_model.tokenize(self.text_tokenizers['t5_lm'], [prompt], int(self.config.t5_lm.max_length),
+                                  pad_to_max=False)
+    hidden = t5_model.encode(model, params, ids, mask if self.config.t5_lm.use_attention_mask else None)
+    return np.asarray(hidden[0, :int(mask.sum())])
+
+  def dit_text(self, prompt: str) -> jax.Array:
+    model, params = self.parts['t5_dit']
+    ids, mask = t5_model.tokenize(self.text_tokenizers['t5_dit'], [prompt], int(self.config.t5_dit.max_length),
+                                  pad_to_max=True)
+    return t5_model.encode(model, params, ids, mask if self.config.t5_dit.use_attention_mask else None)
+
+  def semantic_ids(self, text: np.ndarray, key: jax.Array, num_groups: int, motion_score: float,
+                   cfg_scale: float) -> np.ndarray:
+    model, params = self.parts['lm']
+    s = self.config.lm.sampling
+    ids = lm_sampling.generate(model, params, [text], layout=self.layout, key=key,
+                               num_frames=num_groups * self.layout.frames_per_group, motion_score=motion_score,
+                               cfg_scale=cfg_scale, temperature=float(s.temperature), top_k=int(s.top_k),
+                               top_p=float(s.top_p), max_text_length=int(self.config.lm.text_max_length))
+    return np.asarray(ids[0])
+
+  def condition(self, ids: np.ndarray) -> jax.Array:
+    """Semantic ids → the control condition [T, H, W, C] (tokenizer decoder, then the upsampler)."""
+    model, params = self.parts['tokenizer']
+    features = tokenizer_model.decode(model, params, jnp.asarray(ids)[None])
+    dit, dit_params = self.parts['dit']
+    return self._condition(dit_params, features[0].astype(dit.dtype))
+
+  def renderer(self, steps: int) -> Renderer:
+    if steps not in self._renderers:
+      schedule = diffusion.make_schedule(self.config.diffusion, num_steps=steps)
+      self._renderers[steps] = Renderer(self.parts['dit'][0], schedule)
+    return self._renderers[steps]
+
+  def latents(self, text: jax.Array, condition: jax.Array, key: jax.Array, steps: int) -> jax.Array:
+    dit, params = self.parts['dit']
+    c = self.config.dit
+    render = self.renderer(steps)
+    shape = (1, c.latent_frames, c.latent_height, c.latent_width, c.in_channels)
+
+    def window(cond, prefix, window_key):
+      noise_key, step_key = jax.random.split(window_key)
+      return render(params, text, cond[0], jax.random.normal(noise_key, shape), key=step_key, prefix=prefix)
+
+    if condition.shape[0] == c.latent_frames:
+      return window(condition[None], None, key)
+    overlap = int(self.config.diffusion.stream_overlap)
+    return streaming.render_stream(window, condition[None], key, window=c.latent_frames, overlap=overlap)
+
+  def frames(self, latents: jax.Array) -> np.ndarray:
+    model, params = self.parts['vae']
+    video = vae_model.decode(model, params, latents)[0]
+    return np.asarray(jnp.clip((video + 1.0) / 2.0, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+  # --- the whole thing ------------------------------------------------------------------------------------------
+
+  def generate(self, prompt: str, *, seed: int | None = None, motion_score: float | None = None,
+               lm_cfg: float | None = None, dit_steps: int | None = None, num_groups: int = 1) -> Generation:
+    if not prompt or not prompt.strip():
+      raise ValueError('the prompt is empty; describe the video to generate.')
+    if num_groups < 1:
+      raise ValueError(f'num_groups must be at least 1, got {num_groups}.')
+    s = self.config.lm.sampling
+    seed = int(s.seed if seed is None else seed)
+    lm_key, render_key = jax.random.split(jax.random.key(seed))
+    seconds: dict[str, float] = {}
+
+    def timed(name, fn, *args):
+      self.progress(f'{name} …')
+      start = time.perf_counter()
+      out = jax.block_until_ready(fn(*args))
+      seconds[name] = round(time.perf_counter() - start, 3)
+      self.progress(f'{name}: {seconds[name]:.1f} s')
+      return out
+
+    lm_text = timed('text (Flan-T5)', self.lm_text, prompt)
+    ids = timed('semantic tokens (LM)', self.semantic_ids, lm_text, lm_key, num_groups,
+                float(s.motion_score if motion_score is None else motion_score),
+                float(s.cfg_scale if lm_cfg is None else lm_cfg))
+    video = self.render_ids(ids, prompt, render_key, dit_steps, timed)
+    seconds['total'] = round(sum(seconds.values()), 3)
+    return Generation(video=video, ids=ids, fps=int(self.config.video.fps), seconds=seconds)
+
+  def render_ids(self, ids: np.ndarray, prompt: str, key: jax.Array, dit_steps: int | None = None,
+                 timed: Callable | None = None) -> np.ndarray:
+    """Semantic ids (from `generate` or a file) → uint8 frames; the diffusion half of the pipeline alone."""
+    timed = timed or (lambda name, fn, *args: fn(*args))
+    steps = int(self.config.diffusion.num_steps if dit_steps is None else dit_steps)
+    condition = timed('semantic features (tokenizer + upsampler)', self.condition, ids)
+    text = timed('text (T5)', self.dit_text, prompt)
+    latents = timed(f'latents (DiT, {steps} steps)', self.latents, text, condition, key, steps)
+    return timed('frames (VAE)', self.frames, latents)
+
+
+def load(directory: str, config: ml_collections.ConfigDict | None = None, dtype: Any = None,
+         progress: Callable[[str], None] | None = None) -> Pipeline:
+  return Pipeline.load(directory, config, dtype, progress)
+

@@ -1,0 +1,157 @@
+"""End to end: a tiny "official release" in the official formats → `convert all` → `generate` → an mp4."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from landiff_jax import pipeline
+from landiff_jax.cli import main
+from landiff_jax.config import load_config
+from landiff_jax.convert import ConversionError
+from landiff_jax.convert.release import convert_release
+from landiff_jax.data.video import read_video
+
+torch = pytest.importorskip('torch')
+diffusers = pytest.importorskip('diffusers')
+transformers = pytest.importorskip('transformers')
+
+from test_dit import TorchSemanticCond, make_reference, to_sat  # noqa: E402  (tests dir is on sys.path)
+from test_lm import official_state_dict as lm_state_dict  # noqa: E402
+from test_tokenizer import official_state_dict as tokenizer_state_dict  # noqa: E402
+from test_vae import diffusers_to_sat_name  # noqa: E402
+
+PROMPT = 'a red circle moving right'
+
+
+def write_t5(directory, c, seed):
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+  torch.manual_seed(seed)
+  config = transformers.T5Config(
+      vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.d_kv, d_ff=c.d_ff, num_layers=c.num_layers,
+      num_heads=c.num_heads, relative_attention_num_buckets=c.relative_attention_num_buckets,
+      relative_attention_max_distance=c.relative_attention_max_distance, feed_forward_proj='gated-gelu',
+      dropout_rate=0.0, is_encoder_decoder=False, tie_word_embeddings=False)
+  transformers.T5EncoderModel(config).save_pretrained(directory, safe_serialization=True)
+  tok = Tokenizer(models.Unigram())
+  tok.pre_tokenizer = pre_tokenizers.Metaspace()
+  trainer = trainers.UnigramTrainer(vocab_size=40, special_tokens=['<pad>', '</s>', '<unk>'], unk_token='<unk>')
+  tok.train_from_iterator([PROMPT, 'a blue square moving up', 'a green star staying still'] * 10, trainer)
+  transformers.T5TokenizerFast(tokenizer_object=tok, eos_token='</s>', pad_token='<pad>', unk_token='<unk>',
+                               extra_ids=0).save_pretrained(directory)
+
+
+@pytest.fixture(scope='module')
+def release(tmp_path_factory):
+  """Every file of the release layout (reference §1), random weights at the tiny config's widths."""
+  cfg = load_config('configs/tiny.py')
+  root = tmp_path_factory.mktemp('release')
+  cog = root / 'LanDiff' / 'CogVideoX-2b-sat'
+  for folder in ('llm', 'tokenizer', 'diffusion/1'):
+    (root / 'LanDiff' / folder).mkdir(parents=True)
+  (cog / 'transformer' / '1000').mkdir(parents=True)
+  (cog / 'vae').mkdir(parents=True)
+  save_file(lm_state_dict(cfg.lm), str(root / 'LanDiff' / 'llm' / 'model.safetensors'))
+  save_file(tokenizer_state_dict(cfg.tokenizer), str(root / 'LanDiff' / 'tokenizer' / 'model.safetensors'))
+  backbone = make_reference(cfg, cfg.dit.num_layers, seed=0)
+  torch.save({'module': to_sat(backbone, 'model.diffusion_model.')},
+             cog / 'transformer' / '1000' / 'mp_rank_00_model_states.pt')
+  control = make_reference(cfg, cfg.control.num_layers, seed=1)
+  engine = to_sat(control, 'model.control_model.diffusion_model.')
+  engine = {k: v for k, v in engine.items() if 'final_layer' not in k}
+  for l in range(cfg.control.num_layers):
+    engine[f'model.control_model.diffusion_model.mixins.adaln_layer.zero_linears.{l}.weight'] = torch.randn(
+        cfg.dit.hidden_size, cfg.dit.hidden_size) * 0.05
+  for name, value in TorchSemanticCond(cfg.upsampler).state_dict().items():
+    engine[f'model.control_model.diffusion_model.semantic_conditioner.{name}'] = value
+  torch.save({'module': engine}, root / 'LanDiff' / 'diffusion' / '1' / 'mp_rank_00_model_states.pt')
+  v = cfg.vae
+  vae = diffusers.AutoencoderKLCogVideoX(latent_channels=v.latent_channels, layers_per_block=v.num_res_blocks,
+                                         block_out_channels=tuple(v.channels * m for m in v.channel_mult),
+                                         norm_num_groups=v.num_groups)
+  torch.save({'state_dict': {diffusers_to_sat_name(k, len(v.channel_mult)): t for k, t in vae.state_dict().items()}},
+             cog / 'vae' / '3d-vae.pt')
+  write_t5(cog / 't5-v1_1-xxl', cfg.t5_dit, seed=2)
+  write_t5(root / 'flan-t5-xxl', cfg.t5_lm, seed=3)
+  return root
+
+
+@pytest.fixture(scope='module')
+def converted(release, tmp_path_factory):
+  dst = tmp_path_factory.mktemp('pipe') / 'landiff'
+  code = main(['convert', 'all', '--config=configs/tiny.py', '--src', str(release / 'LanDiff'), '--flan-t5',
+               str(release / 'flan-t5-xxl'), '--dst', str(dst)])
+  assert code == 0
+  return str(dst)
+
+
+@pytest.fixture(scope='module')
+def pipe(converted):
+  return pipeline.load(converted)
+
+
+def test_generate_writes_an_mp4_of_the_configured_size(converted, tmp_path):
+  out = tmp_path / 'video.mp4'
+  assert main(['generate', '--ckpt', converted, '--prompt', PROMPT, '--out', str(out), '--steps', '2',
+               '--save-ids', '--save-frames']) == 0
+  video = read_video(str(out))
+  cfg = load_config('configs/tiny.py')
+  assert video.shape == (cfg.video.num_frames, cfg.video.height, cfg.video.width, 3)
+  import imageio.v3 as iio
+  assert iio.immeta(str(out))['fps'] == cfg.video.fps
+  ids = np.load(tmp_path / 'video.ids.npy')
+  assert ids.shape == (pipeline.lm_sampling.Layout.from_config(cfg).tokens_per_group,)
+  assert (tmp_path / 'video.frames.png').exists() and not list(tmp_path.glob('*partial*'))
+  assert main(['generate', '--ckpt', converted, '--prompt', PROMPT, '--out', str(out), '--steps', '2']) == 1
+
+
+def test_same_seed_same_video_and_the_stages_compose(pipe):
+  first = pipe.generate(PROMPT, seed=3, dit_steps=2)
+  again = pipe.generate(PROMPT, seed=3, dit_steps=2)
+  other = pipe.generate(PROMPT, seed=4, dit_steps=2)
+  np.testing.assert_array_equal(first.video, again.video)
+  assert not np.array_equal(first.video, other.video)
+  _, render_key = jax.random.split(jax.random.key(3))
+  np.testing.assert_array_equal(pipe.render_ids(first.ids, PROMPT, render_key, 2), first.video)
+  assert set(first.seconds) >= {'semantic tokens (LM)', 'frames (VAE)', 'total'}
+
+
+def test_two_groups_stream_into_a_longer_video(pipe):
+  result = pipe.generate(PROMPT, seed=1, dit_steps=2, num_groups=2)
+  cfg = pipe.config
+  from landiff_jax.models.vae import decoded_frames
+  assert result.video.shape[0] == decoded_frames(2 * cfg.dit.latent_frames)  # the VAE's frame rule for T latents
+  assert result.ids.shape[0] == 2 * pipe.layout.tokens_per_group
+
+
+def test_rerunning_convert_all_skips_unchanged_parts(release, converted):
+  report = convert_release(str(release / 'LanDiff'), converted, load_config('configs/tiny.py'),
+                           flan_t5=str(release / 'flan-t5-xxl'), log=lambda message: None)
+  assert set(report.values()) == {'unchanged'}
+
+
+def test_bad_inputs(release, converted, tmp_path, capsys):
+  with pytest.raises(ConversionError, match='pass --flan-t5'):
+    convert_release(str(release / 'LanDiff'), str(tmp_path / 'x'), load_config('configs/tiny.py'))
+  os.rename(release / 'LanDiff' / 'llm' / 'model.safetensors', release / 'LanDiff' / 'llm' / 'moved')
+  try:
+    with pytest.raises(ConversionError, match='llm/model.safetensors'):
+      convert_release(str(release / 'LanDiff'), str(tmp_path / 'x'), load_config('configs/tiny.py'),
+                      flan_t5=str(release / 'flan-t5-xxl'))
+  finally:
+    os.rename(release / 'LanDiff' / 'llm' / 'moved', release / 'LanDiff' / 'llm' / 'model.safetensors')
+  prompts = tmp_path / 'prompts.txt'
+  prompts.write_text('a red circle\n\na blue square\n')
+  assert main(['generate', '--ckpt', converted, '--prompts', str(prompts), '--out', str(tmp_path / 'videos')]) == 1
+  assert 'line(s) [2]' in capsys.readouterr().err
+  assert main(['generate', '--ckpt', converted, '--prompt', PROMPT, '--out', str(tmp_path / 'no' / 'v.mp4')]) == 1
+  assert 'does not exist' in capsys.readouterr().err
+  assert main(['generate', '--ckpt', str(tmp_path), '--prompt', PROMPT]) == 1
+  assert 'convert all' in capsys.readouterr().err
+  truncated = tmp_path / 'broken.safetensors'
+  data = (release / 'LanDiff' / 'llm' / 'model.safetensors').read_bytes()
+  truncated.write_bytes(data[:len(data) // 2])
+  assert main(['convert', 'lm', '--config=configs/tiny.py', '--src', str(truncated), '--dst', str(tmp_path / 'lm')]) == 1
+  assert not (tmp_path / 'lm').exists()
