@@ -155,3 +155,12 @@ def test_bad_inputs(release, converted, tmp_path, capsys):
   truncated.write_bytes(data[:len(data) // 2])
   assert main(['convert', 'lm', '--config=configs/tiny.py', '--src', str(truncated), '--dst', str(tmp_path / 'lm')]) == 1
   assert not (tmp_path / 'lm').exists()
+
+
+def test_bench_generate_times_every_stage(tmp_path):
+  import json
+  out = tmp_path / 'bench.json'
+  assert main(['bench', 'generate', '--config=configs/tiny.py', '--dtype', 'float32', '--out', str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result['video_shape'] == [9, 32, 48, 3]
+  assert set(result['seconds']) >= {'semantic tokens (LM)', 'frames (VAE)', 'total'}

@@ -8,7 +8,7 @@ from landiff_jax.config import load_config
 from landiff_jax.train import train
 from landiff_jax.train.tasks.tokenizer import TokenizerTask, kmeans
 
-STEPS = 500
+STEPS = 600
 
 
 class Stop(Exception):
@@ -18,7 +18,7 @@ class Stop(Exception):
 def tiny(workdir, *overrides):
   return load_config('configs/train.py:tokenizer,tiny', [
       f'train.workdir={workdir}', f'train.num_steps={STEPS}', 'train.learning_rate=3e-3', 'train.warmup_steps=10',
-      'train.checkpoint_every=10', 'train.log_every=50', *overrides])
+      'train.checkpoint_every=10', 'train.log_every=50', 'tokenizer.feature_grid=(2, 2)', *overrides])
 
 
 def clips(cfg, count=64):

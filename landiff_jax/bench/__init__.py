@@ -13,6 +13,7 @@ from typing import Any, Callable
 # name → 'module:function'
 BENCHMARKS = {
     'dit': 'landiff_jax.bench.dit:run',
+    'generate': 'landiff_jax.bench.generate:run',
     'lm': 'landiff_jax.bench.lm:run',
     'tokenizer': 'landiff_jax.bench.tokenizer:run',
     'vae': 'landiff_jax.bench.vae:run',
