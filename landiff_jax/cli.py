@@ -266,12 +266,49 @@ def cmd_generate(args, config) -> int:
   return 0
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+  sizes = {}
+  for part in filter(None, text.split(',')):
+    name, _, value = part.partition('=')
+    if name not in ('data', 'fsdp', 'tensor') or not value.lstrip('-').isdigit():
+      raise ValueError(f'--mesh takes data=N,fsdp=N,tensor=N (−1 for "the rest"); got {text!r}.')
+    sizes[name] = int(value)
+  return sizes
+
+
+def cmd_plan(args, config) -> int:
+  """Compiles one training step of a stage on abstract shapes and prints per-device memory and FLOPs."""
+  import importlib
+
+  import jax
+
+  from landiff_jax import parallel
+  from landiff_jax.train.plan import plan_step
+
+  try:
+    if args.config == DEFAULT_CONFIG:  # the stage's own training config
+      config = config_lib.load_config(f'configs/train.py:{args.stage}', args.overrides)
+    config.parallel.mesh.update(parse_mesh(args.mesh))
+    config.train.batch_size = args.batch
+    module_name, class_name = TRAIN_TASKS[args.stage].split(':')
+    task = getattr(importlib.import_module(module_name), class_name)(config)
+    mesh = parallel.make_mesh(config.parallel.mesh)
+    result = plan_step(task, config.train, config.parallel, mesh, task.example_shapes(args.batch))
+  except (ValueError, config_lib.ConfigError) as e:
+    print(f'landiff-jax: error: {e}', file=sys.stderr)
+    return 1
+  result = dict(stage=args.stage, devices=f'{len(jax.devices())} x {jax.devices()[0].device_kind}', **result)
+  print(json.dumps(result, indent=2))
+  return 0
+
+
 COMMANDS = {
     'config': (cmd_config, 'print the resolved config (with --config.* overrides applied)'),
     'devices': (cmd_devices, 'list devices and the device mesh built from the config'),
     'convert': (cmd_convert, 'convert a part of the official PyTorch release into a landiff-jax model directory'),
     'generate': (cmd_generate, 'generate videos from text prompts'),
     'train': (cmd_train, 'train one stage (tokenizer, lm, diffusion) with the sharded training loop'),
+    'plan': (cmd_plan, 'per-device memory and FLOPs of a training step on a mesh, compiled ahead of time'),
     'bench': (cmd_bench, 'time a model at the configured size (peak memory too), next to the PyTorch reference'),
 }
 
@@ -315,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
                            'diffusion checkpoint) are read from, as the release loads them')
     if name == 'train':
       command.add_argument('stage', choices=sorted(TRAIN_TASKS), help='which stage to train')
+    if name == 'plan':
+      command.add_argument('--stage', required=True, choices=sorted(TRAIN_TASKS), help='which stage to plan')
+      command.add_argument('--mesh', default='data=-1', help='mesh sizes, e.g. data=1,fsdp=8,tensor=1')
+      command.add_argument('--batch', type=int, default=8, help='global batch size')
     if name == 'bench':
       from landiff_jax.bench import BENCHMARKS
       command.add_argument('name', choices=sorted(BENCHMARKS), help='what to benchmark')

@@ -51,6 +51,14 @@ class DiffusionTask(StageTask):
     self.text_dropout = float(config.diffusion.text_dropout)
     self.prefix_frames = int(config.diffusion.prefix_frames)
 
+  def example_shapes(self, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch of `batch` examples, as abstract arrays (for `landiff-jax plan`)."""
+    c, u = self.config.dit, self.config.upsampler
+    grid = (c.latent_frames, c.latent_height, c.latent_width)
+    return {'latents': jax.ShapeDtypeStruct((batch, *grid, c.in_channels), jnp.float32),
+            'text': jax.ShapeDtypeStruct((batch, c.text_length, c.text_dim), jnp.float32),
+            'features': jax.ShapeDtypeStruct((batch, grid[0], grid[1] // 2, grid[2] // 2, u.in_channels), jnp.float32)}
+
   def init_params(self, rng: jax.Array, example_batch: Any) -> Any:
     del example_batch
     return self.model.init_params(rng)

@@ -36,6 +36,14 @@ class LMTask(StageTask):
     self.dropout = {'text': float(c.text_dropout), 'motion_score': float(c.motion_dropout),
                     'frames': float(c.frames_dropout)}
 
+  def example_shapes(self, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch of `batch` one-group examples, text at its maximum length (for `landiff-jax plan`)."""
+    c = self.config.lm
+    return {'ids': jax.ShapeDtypeStruct((batch, self.layout.tokens_per_group), jnp.int32),
+            'text': jax.ShapeDtypeStruct((batch, int(c.text_max_length), int(c.text_feature_dim)), jnp.float32),
+            'text_length': jax.ShapeDtypeStruct((batch,), jnp.int32),
+            'motion_score': jax.ShapeDtypeStruct((batch,), jnp.float32)}
+
   def init_params(self, rng: jax.Array, example_batch: Any) -> Any:
     del example_batch
     return self.model.init_params(rng)

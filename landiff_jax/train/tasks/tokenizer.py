@@ -63,6 +63,11 @@ class TokenizerTask(StageTask):
     self.commitment_weight, self.reconstruction_weight = float(q.commitment_weight), float(q.reconstruction_weight)
     self.kmeans_init = bool(q.kmeans_init)
 
+  def example_shapes(self, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch of `batch` one-group clips of features (for `landiff-jax plan`)."""
+    s = self.model.settings
+    return {'features': jax.ShapeDtypeStruct((batch, s.frames_per_group, *s.grid, s.feature_dim), jnp.float32)}
+
   def init_params(self, rng: jax.Array, example_batch: Any) -> Any:
     model_rng, kmeans_rng = jax.random.split(rng)
     variables = dict(self.model.init_params(model_rng))
