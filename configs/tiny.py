@@ -22,7 +22,7 @@ def get_config():
   config.compute_dtype = 'float32'
   config.remat_policy = 'none'
 
-  config.theia.update(dict(patch_size=4, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64,
+  config.theia.update(dict(patch_size=16, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64,
                            pretrained_grid=4, output_grid=(2, 3)))
 
   config.tokenizer.update(dict(feature_dim=32, frames_per_group=3, feature_grid=(2, 3), num_iframe_tokens=3,

@@ -30,6 +30,7 @@ MODEL_BUILDERS: dict[str, str] = {
     'lm': 'landiff_jax.models.lm:build_lm',
     't5_dit': 'landiff_jax.models.t5:build_t5',
     't5_lm': 'landiff_jax.models.t5:build_t5',
+    'theia': 'landiff_jax.models.theia:build_theia',
     'tokenizer': 'landiff_jax.models.tokenizer:build_tokenizer',
     'vae': 'landiff_jax.models.vae:build_vae',
 }

@@ -8,6 +8,7 @@ Each command is a small function registered in `COMMANDS`; heavy imports happen 
 
 import argparse
 import json
+import os
 import sys
 
 from landiff_jax import __version__
@@ -73,6 +74,7 @@ CONVERTERS = {
     'vae': ('landiff_jax.convert.vae:convert_vae', 'vae'),
     'dit': ('landiff_jax.convert.dit:convert_dit', ('dit', 'control', 'upsampler')),
     'tokenizer': ('landiff_jax.convert.tokenizer:convert_tokenizer', 'tokenizer'),
+    'theia': ('landiff_jax.convert.theia:convert_theia', 'theia'),  # HF ViT dir, or the tokenizer file's copy
     'lm': ('landiff_jax.convert.lm:convert_lm', 'lm'),
     't5_lm': ('landiff_jax.convert.t5:convert_t5', 't5_lm'),  # Flan-T5-XXL (the LM's text encoder)
     't5_dit': ('landiff_jax.convert.t5:convert_t5', 't5_dit'),  # T5-v1.1-XXL (the DiT's text encoder)
@@ -82,7 +84,6 @@ CONVERTERS = {
 def cmd_convert(args, config) -> int:
   """Converts one part of the official release into a landiff-jax model directory."""
   import importlib
-  import os
   import time
 
   import jax
@@ -182,7 +183,8 @@ def convert_all(args, config) -> int:
   from landiff_jax.checkpoints import CheckpointError
 
   try:
-    report = convert_release(args.src, args.dst, config, t5=args.t5 or None, flan_t5=args.flan_t5 or None)
+    report = convert_release(args.src, args.dst, config, t5=args.t5 or None, flan_t5=args.flan_t5 or None,
+                             theia=args.theia or None)
   except (ConversionError, CheckpointError, FileNotFoundError) as e:
     print(f'landiff-jax: error: {e}', file=sys.stderr)
     return 1
@@ -203,7 +205,6 @@ def read_prompts(path: str) -> list[str]:
 
 
 def output_paths(args, count: int) -> list[str]:
-  import os
   if count == 1 and not args.prompts:
     paths = [args.out]
   else:  # a folder of videos, created when its parent exists
@@ -230,7 +231,6 @@ def contact_sheet(frames, path: str, columns: int = 7) -> None:
 
 def cmd_generate(args, config) -> int:
   """Generates videos from prompts with a converted (or the demo) pipeline directory."""
-  import os
   import time
 
   import numpy as np
@@ -302,11 +302,75 @@ def cmd_plan(args, config) -> int:
   return 0
 
 
+def tokenizer_parts(ckpt: str):
+  """(theia, tokenizer) (model, params) pairs of a pipeline directory converted with Theia."""
+
+  from landiff_jax import checkpoints
+  for part in ('theia', 'tokenizer'):
+    if not os.path.isdir(os.path.join(ckpt, part)):
+      raise ValueError(f'{ckpt} has no {part}/ model directory; convert it (`landiff-jax convert all ... --theia DIR`, '
+                       f'or `landiff-jax convert {part} --src ... --dst {os.path.join(ckpt, part)}`).')
+  return checkpoints.load(os.path.join(ckpt, 'theia')), checkpoints.load(os.path.join(ckpt, 'tokenizer'))
+
+
+def encode_video(args, config):
+  """Theia features [T, h, w, C] and semantic ids [N] of a video file."""
+  import numpy as np
+
+  from landiff_jax import pipeline
+  from landiff_jax.data.video import read_video
+  from landiff_jax.models import theia, tokenizer
+  (theia_model, theia_params), (tok_model, tok_params) = tokenizer_parts(args.ckpt)
+  if os.path.isfile(os.path.join(args.ckpt, pipeline.CONFIG_FILE)):  # the directory's own sizes, then overrides
+    config = config_lib.apply_overrides(pipeline.load_config(args.ckpt), args.overrides)
+  frames = args.frames or int(config.tokenizer.frames_per_group)
+  video = read_video(args.video, num_frames=frames, size=(int(config.video.height), int(config.video.width)))
+  features = theia.features(theia_model, theia_params, video)
+  ids = tokenizer.encode_features(tok_model, tok_params, features[None])
+  return np.asarray(features), np.asarray(ids[0]), (tok_model, tok_params)
+
+
+def cmd_encode(args, config) -> int:
+  """Video file → semantic ids (.npy), through Theia and the tokenizer encoder."""
+  import numpy as np
+  try:
+    _, ids, _ = encode_video(args, config)
+    if os.path.exists(args.out) and not args.overwrite:
+      raise ValueError(f'{args.out} already exists; pass --overwrite or choose another --out.')
+    np.save(args.out, ids)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'landiff-jax: error: {e}', file=sys.stderr)
+    return 1
+  print(f'wrote {ids.shape[0]} semantic ids to {args.out}')
+  return 0
+
+
+def cmd_reconstruct(args, config) -> int:
+  """Video file → ids → features again; prints how well the tokenizer reconstructs the Theia features."""
+  import numpy as np
+
+  from landiff_jax.models import tokenizer
+  try:
+    features, ids, (model, params) = encode_video(args, config)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'landiff-jax: error: {e}', file=sys.stderr)
+    return 1
+  decoded = np.asarray(tokenizer.decode(model, params, ids[None])[0])
+  mse = float(np.mean((decoded - features)**2))
+  cosine = float(np.mean(np.sum(decoded * features, -1) / (np.linalg.norm(decoded, axis=-1) *
+                                                            np.linalg.norm(features, axis=-1) + 1e-8)))
+  print(json.dumps({'ids': int(ids.shape[0]), 'feature_mse': mse, 'feature_variance': float(features.var()),
+                    'relative_mse': mse / max(float(features.var()), 1e-12), 'mean_cosine': cosine}, indent=2))
+  return 0
+
+
 COMMANDS = {
     'config': (cmd_config, 'print the resolved config (with --config.* overrides applied)'),
     'devices': (cmd_devices, 'list devices and the device mesh built from the config'),
     'convert': (cmd_convert, 'convert a part of the official PyTorch release into a landiff-jax model directory'),
     'generate': (cmd_generate, 'generate videos from text prompts'),
+    'encode': (cmd_encode, 'a video file to semantic ids (Theia + tokenizer encoder)'),
+    'reconstruct': (cmd_reconstruct, 'a video file to ids and back to features, with the reconstruction error'),
     'train': (cmd_train, 'train one stage (tokenizer, lm, diffusion) with the sharded training loop'),
     'plan': (cmd_plan, 'per-device memory and FLOPs of a training step on a mesh, compiled ahead of time'),
     'bench': (cmd_bench, 'time a model at the configured size (peak memory too), next to the PyTorch reference'),
@@ -325,6 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flag(command)
     if name == 'config':
       command.add_argument('--json', action='store_true', help='print as JSON')
+    if name in ('encode', 'reconstruct'):
+      command.add_argument('--video', required=True, help='video file (mp4, gif, …)')
+      command.add_argument('--ckpt', required=True, help='directory holding theia/ and tokenizer/ model directories')
+      command.add_argument('--frames', type=int, default=0, help='frames taken evenly (default: one group, 13)')
+      if name == 'encode':
+        command.add_argument('--out', default='ids.npy', help='where to write the ids')
+        command.add_argument('--overwrite', action='store_true', help='replace an existing --out')
     if name == 'generate':
       command.add_argument('--ckpt', required=True, help='pipeline directory (from `landiff-jax convert all`)')
       command.add_argument('--prompt', default='', help='what the video shows')
@@ -343,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
       command.add_argument('--src', required=True, help='official checkpoint file or directory (all: ckpts/LanDiff)')
       command.add_argument('--t5', default='', help='all: T5-v1.1-XXL directory (default: in the release)')
       command.add_argument('--flan-t5', default='', help='all: Flan-T5-XXL directory with its tokenizer')
+      command.add_argument('--theia', default='', help='all: Theia/DeiT ViT directory (default: the copy inside the '
+                           'tokenizer file, if any); needed only to encode videos')
       command.add_argument('--dst', required=True, help='model directory to write')
       command.add_argument('--overwrite', action='store_true', help='replace an existing --dst')
       command.add_argument('--decoder-only', action='store_true',

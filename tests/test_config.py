@@ -68,6 +68,8 @@ def test_config_is_internally_consistent(name):
   assert (c.dit.latent_height * c.vae.spatial_compression, c.dit.latent_width * c.vae.spatial_compression) == (
       c.video.height, c.video.width)
   assert c.t5_dit.max_length == c.dit.text_length
+  assert (c.video.height // c.theia.patch_size, c.video.width // c.theia.patch_size) == tuple(c.tokenizer.feature_grid)
+  assert tuple(c.theia.output_grid) == tuple(c.tokenizer.feature_grid) and c.theia.hidden_size == c.tokenizer.feature_dim
 
 
 def test_overrides_are_parsed_as_the_type_they_replace():

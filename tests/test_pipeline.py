@@ -20,6 +20,7 @@ transformers = pytest.importorskip('transformers')
 
 from test_dit import TorchSemanticCond, make_reference, to_sat  # noqa: E402  (tests dir is on sys.path)
 from test_lm import official_state_dict as lm_state_dict  # noqa: E402
+from test_theia import to_4x_names  # noqa: E402
 from test_tokenizer import official_state_dict as tokenizer_state_dict  # noqa: E402
 from test_vae import diffusers_to_sat_name  # noqa: E402
 
@@ -54,7 +55,15 @@ def release(tmp_path_factory):
   (cog / 'transformer' / '1000').mkdir(parents=True)
   (cog / 'vae').mkdir(parents=True)
   save_file(lm_state_dict(cfg.lm), str(root / 'LanDiff' / 'llm' / 'model.safetensors'))
-  save_file(tokenizer_state_dict(cfg.tokenizer), str(root / 'LanDiff' / 'tokenizer' / 'model.safetensors'))
+  tokenizer_file = tokenizer_state_dict(cfg.tokenizer)
+  torch.manual_seed(5)
+  vit = transformers.ViTModel(transformers.ViTConfig(
+      hidden_size=cfg.theia.hidden_size, num_hidden_layers=cfg.theia.num_layers, num_attention_heads=cfg.theia.num_heads,
+      intermediate_size=cfg.theia.mlp_dim, image_size=cfg.theia.patch_size * cfg.theia.pretrained_grid,
+      patch_size=cfg.theia.patch_size, layer_norm_eps=cfg.theia.layer_norm_eps), add_pooling_layer=False)
+  for name, value in to_4x_names({k: v.numpy() for k, v in vit.state_dict().items()}).items():
+    tokenizer_file[f'feature_extractor.model.backbone.model.{name}'] = value  # as the release's VideoVQ holds it
+  save_file(tokenizer_file, str(root / 'LanDiff' / 'tokenizer' / 'model.safetensors'))
   backbone = make_reference(cfg, cfg.dit.num_layers, seed=0)
   torch.save({'module': to_sat(backbone, 'model.diffusion_model.')},
              cog / 'transformer' / '1000' / 'mp_rank_00_model_states.pt')
@@ -164,3 +173,20 @@ def test_bench_generate_times_every_stage(tmp_path):
   result = json.loads(out.read_text())
   assert result['video_shape'] == [9, 32, 48, 3]
   assert set(result['seconds']) >= {'semantic tokens (LM)', 'frames (VAE)', 'total'}
+
+
+def test_encode_and_reconstruct_a_video_file(converted, tmp_path, capsys):
+  import json
+  from landiff_jax.data import shapes
+  from landiff_jax.data.video import write_video
+  cfg = load_config('configs/tiny.py')
+  clip = shapes.render(shapes.sample_spec(0, 1), 9, cfg.video.height, cfg.video.width)
+  write_video(str(tmp_path / 'clip.mp4'), clip, fps=8)
+  out = tmp_path / 'ids.npy'
+  assert main(['encode', '--video', str(tmp_path / 'clip.mp4'), '--ckpt', converted, '--out', str(out)]) == 0
+  ids = np.load(out)
+  assert ids.shape == (pipeline.lm_sampling.Layout.from_config(cfg).tokens_per_group,)
+  capsys.readouterr()
+  assert main(['reconstruct', '--video', str(tmp_path / 'clip.mp4'), '--ckpt', converted]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert report['ids'] == ids.shape[0] and report['feature_mse'] > 0

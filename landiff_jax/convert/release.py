@@ -7,6 +7,7 @@
     ckpts/LanDiff/CogVideoX-2b-sat/vae/3d-vae.pt                         → vae
     CogVideoX-2b-sat/t5-v1_1-xxl/ (or --t5)                              → t5_dit + t5_dit_tokenizer/
     --flan-t5 DIR (not part of the release)                              → t5_lm + t5_lm_tokenizer/
+    --theia DIR, or Theia's copy inside the tokenizer file (optional)     → theia (to encode videos)
 
 Each part is converted and written on its own (its tensors are released before the next part is read); a part whose
 sources are unchanged since it was written (size and modification time, kept in `manifest.json`) is skipped.
@@ -26,6 +27,7 @@ from landiff_jax.convert import ConversionError, io
 from landiff_jax.convert.dit import convert_dit
 from landiff_jax.convert.lm import convert_lm
 from landiff_jax.convert.t5 import convert_t5
+from landiff_jax.convert.theia import convert_theia
 from landiff_jax.convert.tokenizer import convert_tokenizer
 from landiff_jax.convert.vae import convert_vae
 
@@ -34,8 +36,13 @@ TOKENIZER_FILES = ('spiece.model', 'tokenizer.json', 'tokenizer_config.json', 's
                    'added_tokens.json')
 
 
-def release_sources(src: str, t5: str | None, flan_t5: str | None) -> dict[str, dict[str, str]]:
-  """part → {'src': path, optional 'base': path}; raises naming every missing file."""
+THEIA_KEY = 'feature_extractor.model.backbone.model.embeddings.position_embeddings'
+
+
+def release_sources(src: str, t5: str | None, flan_t5: str | None,
+                    theia: str | None = None) -> dict[str, dict[str, str]]:
+  """part → {'src': path, optional 'base': path}; raises naming every missing file. Theia (only needed to encode
+  videos) comes from --theia, else from the tokenizer file when it holds a copy, else is left out."""
   cog = os.path.join(src, 'CogVideoX-2b-sat')
   sources = {
       'lm': {'src': os.path.join(src, 'llm', 'model.safetensors')},
@@ -46,6 +53,11 @@ def release_sources(src: str, t5: str | None, flan_t5: str | None) -> dict[str, 
       't5_dit': {'src': t5 or os.path.join(cog, 't5-v1_1-xxl')},
       't5_lm': {'src': flan_t5 or ''},
   }
+  tokenizer_file = sources['tokenizer']['src']
+  if theia:
+    sources['theia'] = {'src': theia}
+  elif os.path.isfile(tokenizer_file) and THEIA_KEY in io.read_safetensors_header(tokenizer_file)[0]:
+    sources['theia'] = {'src': tokenizer_file}
   missing = []
   for part, paths in sources.items():
     for role, path in paths.items():
@@ -88,15 +100,16 @@ def convert_part(part: str, paths: dict[str, str], config: ml_collections.Config
     part_config = ml_collections.ConfigDict({k: config[k].to_dict() for k in ('dit', 'control', 'upsampler')})
     return convert_dit(state, part_config, base_state_dict=io.load_state_dict(paths['base'])), part_config
   converters = {'lm': convert_lm, 'tokenizer': convert_tokenizer, 'vae': convert_vae, 't5_dit': convert_t5,
-                't5_lm': convert_t5}
+                't5_lm': convert_t5, 'theia': convert_theia}
   section = config[part].copy_and_resolve_references()
   return converters[part](state, section), section
 
 
 def convert_release(src: str, dst: str, config: ml_collections.ConfigDict, *, t5: str | None = None,
-                    flan_t5: str | None = None, log: Callable[[str], None] = print) -> dict[str, str]:
+                    flan_t5: str | None = None, theia: str | None = None,
+                    log: Callable[[str], None] = print) -> dict[str, str]:
   """Converts every part into `dst`; returns part → 'converted' | 'unchanged'."""
-  sources = release_sources(src, t5, flan_t5)
+  sources = release_sources(src, t5, flan_t5, theia)
   os.makedirs(dst, exist_ok=True)
   manifest_path = os.path.join(dst, MANIFEST)
   manifest = {}
