@@ -325,9 +325,9 @@ def encode_video(args, config):
     config = config_lib.apply_overrides(pipeline.load_config(args.ckpt), args.overrides)
   frames = args.frames or int(config.tokenizer.frames_per_group)
   video = read_video(args.video, num_frames=frames, size=(int(config.video.height), int(config.video.width)))
-  features = theia.features(theia_model, theia_params, video)
-  ids = tokenizer.encode_features(tok_model, tok_params, features[None])
-  return np.asarray(features), np.asarray(ids[0]), (tok_model, tok_params)
+  features = theia.video_features(theia_model, theia_params, video[None])
+  ids = tokenizer.encode_features(tok_model, tok_params, features)
+  return np.asarray(features[0]), np.asarray(ids[0]), (tok_model, tok_params)
 
 
 def cmd_encode(args, config) -> int:

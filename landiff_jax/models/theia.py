@@ -161,3 +161,12 @@ def features(model: Theia, params: Any, frames: Any, micro_batch: int = 4) -> Ar
   pieces = [_features(model, params, jnp.asarray(frames[i:i + micro_batch]))
             for i in range(0, len(frames), micro_batch)]
   return jnp.concatenate(pieces, axis=0)[:count]
+
+
+def video_features(model: Theia, params: Any, frames: Any, micro_batch: int = 4) -> Array:
+  """Features of clips [B, T, H, W, 3] → [B, T, H/16, W/16, hidden]: the tokenizer's input."""
+  frames = np.asarray(frames)
+  if frames.ndim != 5:
+    raise ValueError(f'clips must be [batch, frames, height, width, 3]; got {frames.shape}.')
+  flat = features(model, params, frames.reshape((-1,) + frames.shape[2:]), micro_batch)
+  return flat.reshape(frames.shape[:2] + flat.shape[1:])
