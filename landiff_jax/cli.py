@@ -81,6 +81,10 @@ CONVERTERS = {
 }
 
 
+# other names for a part: LanDiff's engine checkpoint is the renderer (backbone, control branch, upsampler)
+CONVERTER_ALIASES = {'landiff-diffusion': 'dit'}
+
+
 def cmd_convert(args, config) -> int:
   """Converts one part of the official release into a landiff-jax model directory."""
   import importlib
@@ -94,6 +98,7 @@ def cmd_convert(args, config) -> int:
 
   if args.part == 'all':
     return convert_all(args, config)
+  args.part = CONVERTER_ALIASES.get(args.part, args.part)
   if os.path.exists(args.dst) and not args.overwrite:
     print(f'landiff-jax: error: {args.dst} already exists; choose another --dst or pass --overwrite.',
           file=sys.stderr)
@@ -410,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
       command.add_argument('--save-frames', action='store_true', help='also write a PNG contact sheet of frames')
       command.add_argument('--overwrite', action='store_true', help='replace existing outputs')
     if name == 'convert':
-      command.add_argument('part', choices=sorted(CONVERTERS) + ['all'], help='which part of the release to convert')
+      command.add_argument('part', choices=sorted(CONVERTERS) + sorted(CONVERTER_ALIASES) + ['all'],
+                           help='which part of the release to convert')
       command.add_argument('--src', required=True, help='official checkpoint file or directory (all: ckpts/LanDiff)')
       command.add_argument('--t5', default='', help='all: T5-v1.1-XXL directory (default: in the release)')
       command.add_argument('--flan-t5', default='', help='all: Flan-T5-XXL directory with its tokenizer')

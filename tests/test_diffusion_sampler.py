@@ -205,13 +205,11 @@ def test_renderer_on_a_tiny_dit_matches_the_restated_loop():
   from landiff_jax.sampling.render import Renderer
   config = load_config('configs/tiny.py')
   model = dit_model.build_dit(config)
-  def random_params(key):  # every parameter non-zero (the zero-initialised projections too)
-    params = strip_partitioning(model.init_params(key))
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    return jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-
-  params = jax.jit(random_params)(jax.random.key(0))
+  # random values for every parameter (the zero-initialised projections too), shapes from eval_shape: no init compile
+  shapes = strip_partitioning(jax.eval_shape(model.init_params, jax.random.key(0)))
+  values = np.random.default_rng(1)
+  params = jax.tree.map(lambda s: jnp.asarray(values.standard_normal(s.shape) * 0.2 + (
+      1.0 if len(s.shape) == 1 else 0.0), jnp.float32), shapes)
   c = config.dit
   rng = np.random.default_rng(0)
   shape = (1, c.latent_frames, c.latent_height, c.latent_width, c.in_channels)

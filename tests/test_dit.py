@@ -316,7 +316,7 @@ def test_bad_inputs_are_rejected(files, cfg):
 
 def test_cli_converts_the_landiff_checkpoint(files, cfg, tmp_path):
   dst = tmp_path / 'dit'
-  assert main(['convert', 'dit', '--config=configs/tiny.py', '--src', files[1], '--base', files[0],
+  assert main(['convert', 'landiff-diffusion', '--config=configs/tiny.py', '--src', files[1], '--base', files[0],
                '--dst', str(dst)]) == 0
   model, params = checkpoints.load(str(dst))
   expected = convert_dit(io.load_state_dict(files[1]), cfg)
