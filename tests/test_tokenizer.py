@@ -291,3 +291,24 @@ def test_bench_tokenizer_reports_every_backend(tmp_path):
   backends = json.loads(out.read_text())['backends']
   assert backends['xla']['encode']['median_s'] > 0 and backends['xla']['tokens'] == 7
   assert set(backends) == {'xla', 'cudnn', 'pallas', 'splash'}
+
+
+def test_encode_and_decode_sharded_under_a_mesh_match_one_device(converted, model, cfg):
+  """Parameters sharded by the logical rules over a (2, 2, 2) mesh and a batch split over data x fsdp give the
+  same ids and features as one device."""
+  from landiff_jax import parallel
+  config = load_config('configs/tiny.py', ['parallel.mesh.data=2', 'parallel.mesh.fsdp=2', 'parallel.mesh.tensor=2'])
+  mesh, rules = parallel.make_mesh(config.parallel.mesh), parallel.logical_rules(config.parallel)
+  features = random_features(cfg, cfg.frames_per_group, batch=4, seed=9)
+  want_ids = np.asarray(tok.encode_features(model, converted, features))
+  want_features = np.asarray(tok.decode(model, converted, want_ids))
+  with parallel.mesh_context(mesh, rules):
+    boxed = jax.eval_shape(model.init_params, jax.random.key(0))
+    shardings = parallel.param_shardings(boxed, mesh, rules)
+    sharded = {'params': jax.device_put(converted['params'], shardings['params'])}
+    assert len(sharded['params']['encoder']['transformer']['wq']['kernel'].sharding.device_set) == 8
+    batch = jax.device_put(features, parallel.batch_sharding(mesh, rules, features.ndim))
+    ids = tok.encode_features(model, sharded, batch)
+    decoded = tok.decode(model, sharded, ids)
+  np.testing.assert_array_equal(np.asarray(ids), want_ids)
+  np.testing.assert_allclose(np.asarray(decoded), want_features, atol=1e-5)
