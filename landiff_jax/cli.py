@@ -441,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
       command.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float32'])
       command.add_argument('--batch', type=int, default=1)
       command.add_argument('--latent-frames', type=int, default=13, help='vae: latent frames to decode')
+      command.add_argument('--tokens', type=int, default=1500, help='attention: LM sequence length')
       command.add_argument('--repeats', type=int, default=3, help='timed calls after the first (compiling) one')
       command.add_argument('--no-reference', dest='reference', action='store_false',
                            help='skip the PyTorch reference run')

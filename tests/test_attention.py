@@ -165,7 +165,7 @@ def test_cudnn_on_cpu_warns_once_and_falls_back(monkeypatch):
 
 def test_unknown_backend_and_bad_shapes_rejected():
   q, k, v = random_qkv(1, 4, 4, 4, 2, 8)
-  with pytest.raises(ValueError, match=r"'flash'.*'cudnn', 'xla'"):
+  with pytest.raises(ValueError, match=r"'flash'.*'cudnn', 'pallas', 'splash', 'xla'"):
     attention(q, k, v, MaskSpec.full(), backend='flash')
   with pytest.raises(ValueError, match='multiple'):
     attention(q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2), MaskSpec.full())

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 # name → 'module:function'
 BENCHMARKS = {
+    'attention': 'landiff_jax.bench.attention:run',
     'dit': 'landiff_jax.bench.dit:run',
     'generate': 'landiff_jax.bench.generate:run',
     'lm': 'landiff_jax.bench.lm:run',

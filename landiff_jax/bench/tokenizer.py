@@ -3,6 +3,7 @@ attention backend (xla materialises the masked scores; pallas/splash skip masked
 
 from __future__ import annotations
 
+import importlib
 import time
 from typing import Any
 
@@ -13,6 +14,8 @@ import numpy as np
 from landiff_jax.bench import device_peak_bytes, gib, random_params, time_calls
 from landiff_jax.models import tokenizer as tokenizer_model
 from landiff_jax.nn import available_backends
+
+attention_lib = importlib.import_module('landiff_jax.nn.attention')
 
 BACKENDS = ('xla', 'cudnn', 'pallas', 'splash')
 
@@ -48,8 +51,11 @@ def run(config: Any, options: Any) -> dict:
     if backend not in registered:
       result['backends'][backend] = {'skipped': 'not registered in this build'}
       continue
-    if backend == 'cudnn' and jax.default_backend() != 'gpu':
-      result['backends'][backend] = {'skipped': 'needs a CUDA GPU'}
+    dim = config.tokenizer.width // config.tokenizer.num_heads
+    probe = jax.ShapeDtypeStruct((1, 1, config.tokenizer.num_heads, dim), jnp.dtype(options.dtype))
+    reason = attention_lib.unavailable_reason(backend, probe, probe, probe)
+    if reason is not None:
+      result['backends'][backend] = {'skipped': reason}
       continue
     try:
       result['backends'][backend] = run_backend(config, options, backend, features)

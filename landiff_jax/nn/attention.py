@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Callable, Protocol
 import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from landiff_jax.nn.masks import MaskSpec
 
@@ -44,6 +46,13 @@ def register_backend(name: str, fn: AttentionFn,
 
 def available_backends() -> tuple[str, ...]:
   return tuple(sorted(_BACKENDS))
+
+
+def unavailable_reason(backend: str, q, k, v) -> str | None:
+  """Why `backend` cannot run these inputs (arrays or `jax.ShapeDtypeStruct`s) here, or None when it can."""
+  if backend not in _BACKENDS:
+    return f'{backend!r} is not a registered backend ({", ".join(available_backends())})'
+  return _BACKENDS[backend].unavailable_reason(q, k, v)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec, *, backend: str = 'xla',
@@ -140,5 +149,54 @@ def _cudnn_unavailable_reason(q, k, v) -> str | None:
   return None
 
 
+# Kernels run in Pallas interpret mode on any platform when this is set (slow; for tests and debugging).
+INTERPRET_ENV = 'LANDIFF_PALLAS_INTERPRET'
+
+
+def _interpret() -> bool:
+  return os.environ.get(INTERPRET_ENV, '') not in ('', '0')
+
+
+def _static_offset(q_offset) -> bool:
+  return isinstance(q_offset, (int, np.integer))
+
+
+def pallas_attention(q, k, v, mask: MaskSpec, *, kv_valid=None, q_offset=0, scale: float) -> jax.Array:
+  """The block-skipping flash kernel; a traced q_offset (one-token decode steps) runs the xla reference."""
+  if not _static_offset(q_offset):
+    return xla_attention(q, k, v, mask, kv_valid=kv_valid, q_offset=q_offset, scale=scale)
+  from landiff_jax.kernels import flash_attention  # pylint: disable=import-outside-toplevel
+  return flash_attention.flash_attention(q, k, v, mask, kv_valid=kv_valid, q_offset=int(q_offset), scale=scale,
+                                         interpret=_interpret())
+
+
+def _pallas_unavailable_reason(q, k, v) -> str | None:
+  if _interpret():
+    return None
+  if jax.default_backend() != 'gpu':
+    return (f"the Pallas kernel lowers through Triton on GPUs, JAX's default backend is "
+            f"{jax.default_backend()!r} (use 'splash' on TPU; {INTERPRET_ENV}=1 runs it interpreted)")
+  return None
+
+
+def splash_backend(q, k, v, mask: MaskSpec, *, kv_valid=None, q_offset=0, scale: float) -> jax.Array:
+  """Splash attention; runtime key masks and query offsets (LM decoding) run the xla reference."""
+  if kv_valid is not None or not _static_offset(q_offset) or q_offset != 0:
+    return xla_attention(q, k, v, mask, kv_valid=kv_valid, q_offset=q_offset, scale=scale)
+  from landiff_jax.kernels import splash  # pylint: disable=import-outside-toplevel
+  return splash.splash_attention(q, k, v, mask, scale=scale, interpret=_interpret())
+
+
+def _splash_unavailable_reason(q, k, v) -> str | None:
+  if _interpret():
+    return None
+  if jax.default_backend() != 'tpu':
+    return (f"splash attention is a TPU kernel, JAX's default backend is {jax.default_backend()!r} "
+            "(use 'pallas' on GPU)")
+  return None
+
+
 register_backend('xla', xla_attention)
 register_backend('cudnn', jax_nn_attention, _cudnn_unavailable_reason)
+register_backend('pallas', pallas_attention, _pallas_unavailable_reason)
+register_backend('splash', splash_backend, _splash_unavailable_reason)

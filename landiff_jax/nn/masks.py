@@ -58,14 +58,25 @@ class VideoTokenLayout:
   def token_metadata(self) -> TokenMetadata:
     return _token_metadata(self)
 
+  def frame_of(self, position, xp=np):
+    """Frame of each absolute position, by arithmetic (no table lookup, so it also runs inside TPU kernels).
+
+    Positions outside [0, length) get frame -1. Exact in float32 for any realistic length (< 2^22 tokens).
+    """
+    position = xp.asarray(position)
+    as_float = position.astype(xp.float32) + 0.5
+    visual = xp.floor(as_float / self.tokens_per_frame)
+    first_pframe = self.num_visual_tokens + self.num_iframe_tokens
+    pframe = 1 + xp.floor((as_float - first_pframe) / max(self.num_pframe_tokens, 1))
+    frame = xp.where(position < self.num_visual_tokens, visual, xp.where(position < first_pframe, 0.0, pframe))
+    return xp.where((position >= 0) & (position < self.length), frame, -1.0).astype(xp.int32)
+
 
 @functools.lru_cache(maxsize=16)
 def _token_metadata(layout: VideoTokenLayout) -> TokenMetadata:
-  visual_frame = np.arange(layout.num_visual_tokens) // layout.tokens_per_frame
-  iframe = np.zeros(layout.num_iframe_tokens, np.int64)
-  pframe = np.repeat(np.arange(1, layout.num_frames), layout.num_pframe_tokens)
-  frame = np.concatenate([visual_frame, iframe, pframe]).astype(np.int32)
-  is_latent = (np.arange(layout.length) >= layout.num_visual_tokens).astype(np.int32)
+  position = np.arange(layout.length)
+  frame = layout.frame_of(position)
+  is_latent = (position >= layout.num_visual_tokens).astype(np.int32)
   frame.flags.writeable = False
   is_latent.flags.writeable = False
   return TokenMetadata(frame=frame, is_latent=is_latent)
@@ -142,13 +153,27 @@ class MaskSpec:
     in_range = (q_index >= 0) & (q_index < length) & (k_index >= 0) & (k_index < length)
     q_clipped, k_clipped = xp.clip(q_index, 0, length - 1), xp.clip(k_index, 0, length - 1)
     frame, is_latent = xp.asarray(meta.frame), xp.asarray(meta.is_latent).astype(bool)
-    frame_ok = frame[k_clipped] <= frame[q_clipped]
+    rule = self.rule(q_index, k_index, frame[q_clipped], frame[k_clipped], is_latent[q_clipped],
+                     is_latent[k_clipped])
+    return in_range & rule
+
+  def rule(self, q_index, k_index, q_frame, k_frame, q_latent, k_latent):
+    """The mask rule on positions and per-token metadata (frame, is-latent), broadcast; no range checks.
+
+    This is the single statement of each rule: `allowed` gathers the metadata and calls it, the attention
+    kernels load the metadata of a block and call it on partial blocks.
+    """
+    if self.kind == 'full':
+      xp = jnp if isinstance(q_index, jax.Array) or isinstance(k_index, jax.Array) else np
+      return xp.ones(np.broadcast_shapes(np.shape(q_index), np.shape(k_index)), bool)
+    if self.kind == 'causal':
+      return k_index <= q_index
+    frame_ok = k_frame <= q_frame
     if self.kind == 'frame_causal_decoder':
-      return in_range & frame_ok
-    q_latent, k_latent = is_latent[q_clipped], is_latent[k_clipped]
-    visual_key = ~k_latent & frame_ok
-    earlier_latent = q_latent & k_latent & (k_index <= q_index)
-    return in_range & (visual_key | earlier_latent)
+      return frame_ok
+    visual_key = (k_latent == 0) & frame_ok
+    earlier_latent = (q_latent != 0) & (k_latent != 0) & (k_index <= q_index)
+    return visual_key | earlier_latent
 
   def materialize(self, q_len: int, kv_len: int, q_offset=0):
     """Dense bool [q_len, kv_len]; query i sits at absolute position q_offset + i.
