@@ -108,7 +108,8 @@ def read_meta(path: str) -> dict[str, Any]:
 
 
 def load_params(path: str, shardings: Any = None) -> Any:
-  """The parameter tree of a model directory; placed in `shardings` (a matching tree) when given."""
+  """The parameter tree of a model directory; placed in `shardings` when given: a matching tree, or a function
+  `(key_path, leaf metadata) -> Sharding` called per stored leaf."""
   params_path = os.path.join(os.path.abspath(path), PARAMS_DIR)
   if not os.path.isdir(params_path):
     raise CheckpointError(f'{path} has no {PARAMS_DIR}/ directory; the conversion did not finish. Convert again.')
@@ -117,6 +118,8 @@ def load_params(path: str, shardings: Any = None) -> Any:
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, metadata)
+  elif callable(shardings):
+    shardings = jax.tree_util.tree_map_with_path(shardings, metadata)
   target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), metadata, shardings)
   return checkpointer.restore(params_path, target)
 

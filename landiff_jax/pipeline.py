@@ -18,12 +18,14 @@ import os
 import time
 from typing import Any, Callable
 
+import flax
 import jax
+from jax.sharding import NamedSharding, PartitionSpec
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from landiff_jax import checkpoints
+from landiff_jax import checkpoints, parallel
 from landiff_jax.models import dit as dit_model
 from landiff_jax.models import t5 as t5_model
 from landiff_jax.models import tokenizer as tokenizer_model
@@ -66,8 +68,10 @@ def load_config(directory: str) -> ml_collections.ConfigDict:
 class Pipeline:
 
   def __init__(self, config: ml_collections.ConfigDict, parts: dict[str, tuple[Any, Any]], text_tokenizers: dict,
-               progress: Callable[[str], None] | None = None):
+               progress: Callable[[str], None] | None = None, mesh: jax.sharding.Mesh | None = None):
     self.config = config
+    self.mesh = mesh or parallel.make_mesh(config.parallel.mesh)
+    self.rules = parallel.logical_rules(config.parallel)
     self.parts = parts
     self.text_tokenizers = text_tokenizers
     self.layout = lm_sampling.Layout.from_config(config)
@@ -79,22 +83,26 @@ class Pipeline:
 
   @classmethod
   def load(cls, directory: str, config: ml_collections.ConfigDict | None = None, dtype: Any = None,
-           progress: Callable[[str], None] | None = None) -> Pipeline:
+           progress: Callable[[str], None] | None = None, mesh: jax.sharding.Mesh | None = None) -> Pipeline:
+    """Loads every part, its parameters placed on `mesh` (default: `config.parallel.mesh` over all devices) by
+    the logical-axis rules: replicated on a data-only mesh, split over `fsdp` / `tensor` where the mesh has them."""
     config = config or load_config(directory)
     dtype = jnp.dtype(dtype or config.compute_dtype)
     missing = [p for p in PARTS if not os.path.isdir(os.path.join(directory, p))]
     missing += [t for t in TEXT_TOKENIZERS.values() if not os.path.isdir(os.path.join(directory, t))]
     if missing:
       raise PipelineError(f'{directory} lacks {", ".join(missing)}; convert the release with `landiff-jax convert all`.')
+    mesh = mesh or parallel.make_mesh(config.parallel.mesh)
+    rules = parallel.logical_rules(config.parallel)
     backend = config.attention_backend
     if backend == 'xla' and jax.default_backend() == 'gpu':
       backend = 'cudnn'  # the xla reference would materialise every score matrix at full size
     parts = {}
     for name in PARTS:
       kwargs = {'attention_backend': backend} if name in ('dit', 'lm', 'tokenizer') else {}
-      parts[name] = checkpoints.load(os.path.join(directory, name), dtype=dtype, **kwargs)
+      parts[name] = load_part(os.path.join(directory, name), mesh, rules, dtype=dtype, **kwargs)
     tokenizers = {name: t5_model.load_tokenizer(os.path.join(directory, sub)) for name, sub in TEXT_TOKENIZERS.items()}
-    return cls(config, parts, tokenizers, progress)
+    return cls(config, parts, tokenizers, progress, mesh)
 
   # --- stages -------------------------------------------------------------------------------------------------
 
@@ -158,6 +166,11 @@ class Pipeline:
 
   def generate(self, prompt: str, *, seed: int | None = None, motion_score: float | None = None,
                lm_cfg: float | None = None, dit_steps: int | None = None, num_groups: int = 1) -> Generation:
+    """prompt → video; unset options take the config's (the release's) values."""
+    with parallel.mesh_context(self.mesh, self.rules):
+      return self._generate(prompt, seed, motion_score, lm_cfg, dit_steps, num_groups)
+
+  def _generate(self, prompt, seed, motion_score, lm_cfg, dit_steps, num_groups) -> Generation:
     if not prompt or not prompt.strip():
       raise ValueError('the prompt is empty; describe the video to generate.')
     if num_groups < 1:
@@ -179,13 +192,17 @@ class Pipeline:
     ids = timed('semantic tokens (LM)', self.semantic_ids, lm_text, lm_key, num_groups,
                 float(s.motion_score if motion_score is None else motion_score),
                 float(s.cfg_scale if lm_cfg is None else lm_cfg))
-    video = self.render_ids(ids, prompt, render_key, dit_steps, timed)
+    video = self._render_ids(ids, prompt, render_key, dit_steps, timed)
     seconds['total'] = round(sum(seconds.values()), 3)
     return Generation(video=video, ids=ids, fps=int(self.config.video.fps), seconds=seconds)
 
   def render_ids(self, ids: np.ndarray, prompt: str, key: jax.Array, dit_steps: int | None = None,
                  timed: Callable | None = None) -> np.ndarray:
     """Semantic ids (from `generate` or a file) → uint8 frames; the diffusion half of the pipeline alone."""
+    with parallel.mesh_context(self.mesh, self.rules):
+      return self._render_ids(ids, prompt, key, dit_steps, timed)
+
+  def _render_ids(self, ids, prompt, key, dit_steps, timed) -> np.ndarray:
     timed = timed or (lambda name, fn, *args: fn(*args))
     steps = int(self.config.diffusion.num_steps if dit_steps is None else dit_steps)
     condition = timed('semantic features (tokenizer + upsampler)', self.condition, ids)
@@ -194,7 +211,36 @@ class Pipeline:
     return timed('frames (VAE)', self.frames, latents)
 
 
+def load_part(path: str, mesh: jax.sharding.Mesh, rules, **model_kwargs) -> tuple[Any, Any]:
+  """(model, params) of one model directory, each parameter placed in the sharding its logical axes give."""
+  meta = checkpoints.read_meta(path)
+  model = checkpoints.build_model(meta['part'], ml_collections.ConfigDict(meta['config']), **model_kwargs)
+  abstract = jax.eval_shape(model.init_params, jax.random.key(0))
+  shardings = flax.linen.logical_to_mesh_sharding(flax.linen.get_partition_spec(abstract), mesh, rules)
+  values = parallel.strip_partitioning(abstract)
+  by_path = {jax.tree_util.keystr(path): _even(sharding, value.shape)
+             for (path, sharding), value in zip(jax.tree_util.tree_leaves_with_path(shardings),
+                                                jax.tree.leaves(values))}
+  replicated = NamedSharding(mesh, PartitionSpec())
+  # Stored trees may lack collections the model's init has (e.g. the tokenizer's EMA codebook statistics).
+  placement = lambda key_path, _: by_path.get(jax.tree_util.keystr(key_path), replicated)
+  return model, checkpoints.load_params(path, placement)
+
+
+def _even(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+  """`sharding` with the mesh axes dropped from any dimension they do not divide (e.g. a vocabulary of 32,003
+  rows on 2-way tensor parallelism): inference places what it can instead of refusing the mesh."""
+  mesh = sharding.mesh
+
+  def fits(size, axes):
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return size % int(np.prod([mesh.shape[n] for n in names], dtype=int)) == 0
+
+  spec = [axes if fits(size, axes) else None for size, axes in zip(shape, tuple(sharding.spec) + (None,) * 8)]
+  return NamedSharding(mesh, PartitionSpec(*spec))
+
+
 def load(directory: str, config: ml_collections.ConfigDict | None = None, dtype: Any = None,
-         progress: Callable[[str], None] | None = None) -> Pipeline:
-  return Pipeline.load(directory, config, dtype, progress)
+         progress: Callable[[str], None] | None = None, mesh: jax.sharding.Mesh | None = None) -> Pipeline:
+  return Pipeline.load(directory, config, dtype, progress, mesh)
 
