@@ -271,6 +271,31 @@ def cmd_generate(args, config) -> int:
   return 0
 
 
+def cmd_eval(args, config) -> int:
+  """Scores a pipeline on prompts with an analytic detector (suite 'shapes': the procedural demo videos)."""
+  from landiff_jax import pipeline
+  from landiff_jax.eval import shapes as shapes_eval
+
+  try:
+    prompts = read_prompts(args.prompts) if args.prompts else shapes_eval.held_out_prompts(args.num_prompts)
+    for prompt in prompts:
+      shapes_eval.parse_prompt(prompt)  # reject a bad prompt before the models load
+    pipe_config = config_lib.apply_overrides(pipeline.load_config(args.ckpt), args.overrides)
+    pipe = pipeline.load(args.ckpt, config=pipe_config)
+    result = shapes_eval.evaluate(pipe, prompts, seed=args.seed, lm_cfg=args.lm_cfg, dit_steps=args.steps,
+                                  random_ids=args.random_ids, progress=lambda message: print(message, flush=True))
+  except (ValueError, FileNotFoundError, pipeline.PipelineError, config_lib.ConfigError) as e:
+    print(f'landiff-jax: error: {e}', file=sys.stderr)
+    return 1
+  summary = {k: v for k, v in result.items() if k != 'videos'}
+  print(json.dumps(summary, indent=2))
+  if args.out:
+    with open(args.out + '.partial', 'w') as f:
+      json.dump(result, f, indent=2)
+    os.replace(args.out + '.partial', args.out)
+  return 0
+
+
 def parse_mesh(text: str) -> dict[str, int]:
   sizes = {}
   for part in filter(None, text.split(',')):
@@ -377,6 +402,7 @@ COMMANDS = {
     'encode': (cmd_encode, 'a video file to semantic ids (Theia + tokenizer encoder)'),
     'reconstruct': (cmd_reconstruct, 'a video file to ids and back to features, with the reconstruction error'),
     'train': (cmd_train, 'train one stage (tokenizer, lm, diffusion) with the sharded training loop'),
+    'eval': (cmd_eval, 'score prompt following with an analytic detector (shapes: the built-in demo)'),
     'plan': (cmd_plan, 'per-device memory and FLOPs of a training step on a mesh, compiled ahead of time'),
     'bench': (cmd_bench, 'time a model at the configured size (peak memory too), next to the PyTorch reference'),
 }
@@ -414,6 +440,16 @@ def build_parser() -> argparse.ArgumentParser:
       command.add_argument('--save-ids', action='store_true', help='also write the semantic ids (.ids.npy)')
       command.add_argument('--save-frames', action='store_true', help='also write a PNG contact sheet of frames')
       command.add_argument('--overwrite', action='store_true', help='replace existing outputs')
+    if name == 'eval':
+      command.add_argument('suite', choices=['shapes'], help='what to evaluate')
+      command.add_argument('--ckpt', required=True, help='pipeline directory')
+      command.add_argument('--prompts', default='', help='one prompt per line (default: held-out combinations)')
+      command.add_argument('--num-prompts', type=int, default=100, help='without --prompts: how many to draw')
+      command.add_argument('--seed', type=int, default=0, help='seed of the first video (then +1 per prompt)')
+      command.add_argument('--lm-cfg', type=float, default=None, help='LM guidance (1 = off; default: config)')
+      command.add_argument('--steps', type=int, default=None, help='diffusion steps (default: config)')
+      command.add_argument('--random-ids', action='store_true', help='ablation: random semantic ids, no LM')
+      command.add_argument('--out', default='', help='also write every video\'s detection as JSON')
     if name == 'convert':
       command.add_argument('part', choices=sorted(CONVERTERS) + sorted(CONVERTER_ALIASES) + ['all'],
                            help='which part of the release to convert')

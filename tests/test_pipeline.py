@@ -205,3 +205,15 @@ def test_encode_and_reconstruct_a_video_file(converted, tmp_path, capsys):
   assert main(['reconstruct', '--video', str(tmp_path / 'clip.mp4'), '--ckpt', converted]) == 0
   report = json.loads(capsys.readouterr().out)
   assert report['ids'] == ids.shape[0] and report['feature_mse'] > 0
+
+
+def test_eval_shapes_scores_generated_and_random_id_videos(pipe):
+  """The scoring loop on the tiny pipeline (its videos are noise, so only the mechanics are checked here; the
+  demo's figures come from `landiff-jax eval shapes` on the trained checkpoint)."""
+  from landiff_jax.eval import shapes as shapes_eval
+  prompts = ['a red circle moving right', 'a blue star staying still']
+  for random_ids in (False, True):
+    result = shapes_eval.evaluate(pipe, prompts, dit_steps=2, random_ids=random_ids)
+    assert result['prompts'] == 2 and len(result['videos']) == 2
+    assert all(0.0 <= v <= 1.0 for v in result['accuracy'].values())
+    assert set(result['videos'][0]['detected']) == {'color', 'shape', 'direction'}

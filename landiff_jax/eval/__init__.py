@@ -1,0 +1,1 @@
+"""Evaluations: prompt-following scores computed from generated videos."""
