@@ -2,9 +2,12 @@
 
 Every converted or trained model is such a directory, so `load(path)` returns `(model, params)` for any of them.
 Directories are written under a temporary name and renamed when complete, so a crash never leaves a directory
-that looks finished.
+that looks finished. Parameters may be `SpilledArray`s (conversions keep their output on disk, not in memory):
+those are read and written one at a time and stored exactly as the numpy arrays they stand for.
 """
 
+import ctypes
+import functools
 import importlib
 import json
 import os
@@ -14,6 +17,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from landiff_jax import __version__
@@ -40,6 +44,101 @@ class CheckpointError(ValueError):
   """A model directory that cannot be written or read; the message names the path and the fix."""
 
 
+class SpilledArray:
+  """An array kept in a raw file (C order, no header) instead of memory, e.g. a converted parameter.
+
+  `save` writes it as the numpy array it stands for, reading it from disk only when its turn comes.
+  """
+
+  def __init__(self, path: str, shape: tuple[int, ...], dtype: Any):
+    self.path, self.shape, self.dtype = path, tuple(int(n) for n in shape), np.dtype(dtype)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64))
+
+  @property
+  def nbytes(self) -> int:
+    return self.size * self.dtype.itemsize
+
+  def load(self) -> np.ndarray:
+    data = np.fromfile(self.path, dtype=self.dtype)
+    if data.size != self.size:
+      raise CheckpointError(f'{self.path} holds {data.size} values, expected {self.shape}; it was changed or cut.')
+    return data.reshape(self.shape)
+
+  def __array__(self, dtype=None, copy=None):
+    array = self.load()
+    return array if dtype is None else array.astype(dtype)
+
+  def __repr__(self) -> str:
+    return f'SpilledArray({self.path!r}, {self.shape}, {self.dtype})'
+
+
+# Spilled leaves are written in batches of about this many bytes (a larger leaf alone): few enough orbax/OCDBT
+# commits to stay quick, little enough memory to stay near the largest leaf.
+SPILLED_BATCH_BYTES = 32 << 20
+
+
+class _SpilledArrayHandler(ocp.type_handlers.NumpyHandler):
+  """Writes `SpilledArray` leaves as `np.ndarray` ones (same typestr and files) a batch at a time, each read just
+  before it is written and dropped after, so saving holds about one batch in memory rather than the tree."""
+
+  def __init__(self):
+    super().__init__(deepcopy_host_arrays=False)
+
+  # NumpyHandler.serialize (orbax 0.12, pinned) runs `_background_serialize(values, infos, args)` after the
+  # synchronous part of the save; it writes all values at once, here it is called one batch at a time.
+  async def _background_serialize(self, values, infos, args=None):
+    args = args or [ocp.SaveArgs()] * len(values)
+    batch, batch_bytes = [], 0
+    for item in zip(values, infos, args):
+      if batch and batch_bytes + item[0].nbytes > SPILLED_BATCH_BYTES:
+        await self._write(batch)
+        batch, batch_bytes = [], 0
+      batch.append(item)
+      batch_bytes += item[0].nbytes
+    if batch:
+      await self._write(batch)
+
+  async def _write(self, batch):
+    values, infos, args = zip(*batch)
+    await super()._background_serialize([value.load() for value in values], list(infos), list(args))
+    _return_freed_memory()
+
+
+@functools.cache
+def _malloc_trim():
+  try:
+    return ctypes.CDLL(None).malloc_trim
+  except (OSError, AttributeError):  # not glibc
+    return None
+
+
+def _return_freed_memory() -> None:
+  """glibc keeps freed memory of its heaps for reuse (tensorstore's writer threads each have one); hand it back so
+  that the process's resident memory follows what is live."""
+  trim = _malloc_trim()
+  if trim is not None:
+    trim(0)
+
+
+def _checkpointer_for(params: Any) -> tuple[Any, Any]:
+  """(checkpointer, what its `save` takes): orbax's standard one, or for trees with spilled leaves the PyTree
+  handler that one wraps (writing the same files) with spilled leaves written by `_SpilledArrayHandler`."""
+  if not any(isinstance(leaf, SpilledArray) for leaf in jax.tree.leaves(params)):
+    return ocp.StandardCheckpointer(), params
+  handlers = ocp.type_handlers
+  defaults = [(ty, handlers.get_type_handler(ty)) for ty in handlers.supported_types()]
+  registry = handlers.create_type_handler_registry((SpilledArray, _SpilledArrayHandler()), *defaults)
+  handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, type_handler_registry=registry)
+  return ocp.AsyncCheckpointer(handler), ocp.args.PyTreeSave(params)
+
+
 def save(dst: str, *, part: str, config: ml_collections.ConfigDict, params: Any, overwrite: bool = False,
          source: str = '') -> str:
   """Writes `params` and `config` (the part's config section) as a model directory at `dst`; returns its path."""
@@ -52,9 +151,9 @@ def save(dst: str, *, part: str, config: ml_collections.ConfigDict, params: Any,
   parent = os.path.dirname(dst)
   os.makedirs(parent, exist_ok=True)
   tmp = os.path.join(parent, f'.{os.path.basename(dst)}.tmp-{uuid.uuid4().hex[:8]}')
-  checkpointer = ocp.StandardCheckpointer()
+  checkpointer, item = _checkpointer_for(params)
   try:
-    checkpointer.save(os.path.join(tmp, PARAMS_DIR), params)
+    checkpointer.save(os.path.join(tmp, PARAMS_DIR), item)
     checkpointer.wait_until_finished()
     meta = dict(format=FORMAT, format_version=FORMAT_VERSION, landiff_jax_version=__version__, part=part,
                 source=source, config=json.loads(config.to_json_best_effort()))

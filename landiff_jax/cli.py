@@ -110,28 +110,32 @@ def cmd_convert(args, config) -> int:
   module_name, function_name = function_path.split(':')
   convert_fn = getattr(importlib.import_module(module_name), function_name)
   start = time.perf_counter()
-  try:
-    state_dict = io.load_state_dict(args.src)
-    print(f'read {len(state_dict)} tensors from {args.src}')
-    if isinstance(section, tuple):
-      part_config = ml_collections.ConfigDict({name: config[name].to_dict() for name in section})
-    else:
-      part_config = config[section].copy_and_resolve_references()
-    options = {}
-    if args.base:
-      if args.part != 'dit':
-        raise ConversionError(f'--base applies to the dit only, not to {args.part}.')
-      options['base_state_dict'] = io.load_state_dict(args.base)
-      print(f'read {len(options["base_state_dict"])} tensors from {args.base}')
-    if args.decoder_only:
-      options['decoder_only'] = True
-      part_config.with_encoder = False
-    params = convert_fn(state_dict, part_config, **options)
-    dst = checkpoints.save(args.dst, part=args.part, config=part_config, params=params,
-                           overwrite=args.overwrite, source=os.path.abspath(args.src))
-  except (ConversionError, checkpoints.CheckpointError) as e:
-    print(f'landiff-jax: error: {e}', file=sys.stderr)
-    return 1
+  parent = os.path.dirname(os.path.abspath(args.dst))
+  os.makedirs(parent, exist_ok=True)
+  # converted parameters wait in files beside --dst, not in memory, until saved (see convert.common.spilling)
+  with tempfile.TemporaryDirectory(prefix='.landiff-convert-', dir=parent) as spill, common.spilling(spill):
+    try:
+      state_dict = io.load_state_dict(args.src)
+      print(f'read {len(state_dict)} tensors from {args.src}')
+      if isinstance(section, tuple):
+        part_config = ml_collections.ConfigDict({name: config[name].to_dict() for name in section})
+      else:
+        part_config = config[section].copy_and_resolve_references()
+      options = {}
+      if args.base:
+        if args.part != 'dit':
+          raise ConversionError(f'--base applies to the dit only, not to {args.part}.')
+        options['base_state_dict'] = io.load_state_dict(args.base)
+        print(f'read {len(options["base_state_dict"])} tensors from {args.base}')
+      if args.decoder_only:
+        options['decoder_only'] = True
+        part_config.with_encoder = False
+      params = convert_fn(state_dict, part_config, **options)
+      dst = checkpoints.save(args.dst, part=args.part, config=part_config, params=params,
+                             overwrite=args.overwrite, source=os.path.abspath(args.src))
+    except (ConversionError, checkpoints.CheckpointError) as e:
+      print(f'landiff-jax: error: {e}', file=sys.stderr)
+      return 1
   count = sum(x.size for x in jax.tree.leaves(params))
   print(f'wrote {args.part} ({count:,} parameters) to {dst} in {time.perf_counter() - start:.1f} s')
   return 0

@@ -1,15 +1,110 @@
-"""Pieces every converter shares: expected parameter shapes, nested-dict assembly, one error listing all key problems."""
+"""Pieces every converter shares: expected parameter shapes, nested-dict assembly, one error listing all key problems,
+renamed views of lazily read checkpoints, and spilling converted parameters to disk.
+
+Converters read one source tensor at a time (`io.LazyStateDict`) and hand each converted parameter to `keep`
+(whole) or a `Stack` (one layer at a time). Inside `spilling(directory)` those write it to a file at once and the
+tree holds a `checkpoints.SpilledArray`, so converting a part needs memory for a few tensors, not the whole part.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+import contextlib
+import contextvars
+import os
+import tempfile
 from typing import Any
 
 import jax
 import numpy as np
 
+from landiff_jax.checkpoints import SpilledArray
 from landiff_jax.convert import ConversionError
 from landiff_jax.parallel import strip_partitioning
+
+_SPILL_DIR: contextvars.ContextVar[str | None] = contextvars.ContextVar('landiff_spill_dir', default=None)
+
+
+@contextlib.contextmanager
+def spilling(directory: str) -> Iterator[None]:
+  """Within the block, `keep` and `Stack` write converted parameters to files under `directory` (which must
+  outlive the `SpilledArray`s, i.e. until the tree is saved) instead of keeping them in memory."""
+  token = _SPILL_DIR.set(directory)
+  try:
+    yield
+  finally:
+    _SPILL_DIR.reset(token)
+
+
+def _spill_file(directory: str) -> str:
+  fd, path = tempfile.mkstemp(dir=directory, suffix='.bin')
+  os.close(fd)
+  return path
+
+
+def keep(value: np.ndarray) -> np.ndarray | SpilledArray:
+  """A converted parameter as it goes into the tree: the array, or while `spilling`, a file holding it."""
+  value = np.ascontiguousarray(value)
+  directory = _SPILL_DIR.get()
+  if directory is None:
+    return value
+  path = _spill_file(directory)
+  value.tofile(path)
+  return SpilledArray(path, value.shape, value.dtype)
+
+
+class Stack:
+  """`np.stack` of per-layer arrays given one at a time. While `spilling`, each layer is appended to one file as
+  it comes (stacking on a new leading axis concatenates C-order bytes), so no two layers are held at once."""
+
+  def __init__(self):
+    self.directory = _SPILL_DIR.get()
+    self.layers: list[np.ndarray] = []
+    self.count, self.shape, self.dtype, self.path = 0, None, None, None
+
+  def add(self, value: np.ndarray) -> None:
+    value = np.ascontiguousarray(value)
+    if self.count and (value.shape, value.dtype) != (self.shape, self.dtype):
+      raise ValueError(f'cannot stack {value.dtype}{value.shape} onto layers of {self.dtype}{self.shape}')
+    self.shape, self.dtype = value.shape, value.dtype
+    if self.directory is None:
+      self.layers.append(value)
+    else:
+      self.path = self.path or _spill_file(self.directory)
+      with open(self.path, 'ab') as f:
+        value.tofile(f)
+    self.count += 1
+
+  def result(self) -> np.ndarray | SpilledArray:
+    if not self.count:
+      raise ValueError('nothing to stack')
+    if self.directory is None:
+      return np.stack(self.layers)
+    return SpilledArray(self.path, (self.count,) + self.shape, self.dtype)
+
+
+class Renamed(Mapping):
+  """`source` under new names ({new: old}), looked up in `source` when used: renaming reads no tensor."""
+
+  def __init__(self, source: Mapping[str, Any], names: Mapping[str, str]):
+    self.source, self.names = source, dict(names)
+
+  def __getitem__(self, name: str) -> Any:
+    return self.source[self.names[name]]
+
+  def __contains__(self, name: object) -> bool:  # without reading the tensor
+    return name in self.names
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self.names)
+
+  def __len__(self) -> int:
+    return len(self.names)
+
+
+def strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> Renamed:
+  """The names starting with `prefix`, without it."""
+  return Renamed(state_dict, {name[len(prefix):]: name for name in state_dict if name.startswith(prefix)})
 
 
 def expected_shapes(init_fn: Callable[[jax.Array], Any]) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -46,7 +141,7 @@ class Mapper:
     if value.shape != self.expected[path]:
       self.misshaped.append(f'{source}: {value.shape} after conversion, expected {self.expected[path]}')
       return
-    self.out[path] = value
+    self.out[path] = keep(value)
 
   def take(self, name: str, path: tuple[str, ...], transform: Callable | None = None) -> None:
     if name not in self.state_dict:
@@ -57,24 +152,35 @@ class Mapper:
     self.put(path, transform(value) if transform else value, name)
 
   def take_stacked(self, names: list[str], path: tuple[str, ...], transform: Callable | None = None) -> None:
+    """`names` (one per layer) converted and stacked on a leading layer axis, reading one layer at a time."""
     absent = [n for n in names if n not in self.state_dict]
     self.used.update(n for n in names if n in self.state_dict)
     if absent:
       self.missing.extend(absent)
       return
-    values = [np.asarray(self.state_dict[n], np.float32) for n in names]
-    per_layer = self.expected.get(path, (None,))[1:]
-    converted = []
-    for name, value in zip(names, values):
+    if path not in self.expected:
+      raise KeyError(f'converter bug: {path} is not a parameter of the model')
+    per_layer = self.expected[path][1:]
+    stack, complete = Stack(), True
+    for name in names:
+      value = np.asarray(self.state_dict[name], np.float32)
+      source_shape = value.shape
       try:
         value = transform(value) if transform else value
       except ValueError:  # e.g. a reshape that does not fit
         pass
       if value.shape != per_layer:
-        self.misshaped.append(f'{name}: {tuple(self.state_dict[name].shape)}, expected {per_layer} after conversion')
-      converted.append(value)
-    if all(v.shape == per_layer for v in converted):
-      self.put(path, np.stack(converted), f'{names[0]} (stacked)')
+        self.misshaped.append(f'{name}: {source_shape}, expected {per_layer} after conversion')
+        complete = False
+      elif complete:
+        stack.add(np.asarray(value, np.float32))
+    if not complete:
+      return
+    if (len(names),) + per_layer != self.expected[path]:
+      self.misshaped.append(f'{names[0]} (stacked): {(len(names),) + per_layer} after conversion, expected '
+                            f'{self.expected[path]}')
+      return
+    self.out[path] = stack.result()
 
   def result(self, what: str, ignored: Callable[[str], bool] = lambda name: False) -> dict[str, Any]:
     """The nested parameter tree, or a ConversionError naming every missing, unexpected and mis-shaped key."""

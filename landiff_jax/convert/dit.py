@@ -10,6 +10,7 @@ embeddings and blocks copied from the backbone's first layers, zero linears at z
 
 from __future__ import annotations
 
+from collections import ChainMap
 from collections.abc import Mapping
 import re
 from typing import Any
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from landiff_jax.convert import ConversionError
-from landiff_jax.convert.common import raise_problems
+from landiff_jax.convert.common import Stack, keep, raise_problems, strip_prefix
 from landiff_jax.models.dit import build_dit
 from landiff_jax.models.semantic_upsampler import build_semantic_upsampler
 from landiff_jax.nn.embeddings import cogvideox_3d_sincos_table
@@ -114,20 +115,39 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
   tree[path[-1]] = value
 
 
+def _take(reader: _Reader, name: str, transform=None) -> Any:
+  value = reader.take(name, transform)
+  return None if value is None else keep(value)
+
+
+def _take_stacked(reader: _Reader, names: list[str], transform=None) -> Any:
+  """The layers stacked on a leading axis, read one at a time; None if any is missing (all are still looked up)."""
+  stack, complete = Stack(), True
+  for name in names:
+    value = reader.take(name, transform)
+    if value is None or not complete:
+      complete = False
+    elif stack.count and value.shape != stack.shape:
+      raise ConversionError(f'{reader.label}{name}: {value.shape} after conversion, but the earlier layers are '
+                            f'{stack.shape}.')
+    else:
+      stack.add(value)
+  return stack.result() if complete and names else None
+
+
 def _convert_transformer(reader: _Reader, dit: Any, num_layers: int, *, final: bool, zero_linears: bool) -> dict:
   d, heads, head_dim = dit.hidden_size, dit.num_heads, dit.head_dim
   tree: dict = {}
   for name, path, transform in embedding_rules():
-    _set(tree, ('embed',) + path, reader.take(name, transform))
+    _set(tree, ('embed',) + path, _take(reader, name, transform))
   for pattern, path, transform in layer_rules(d, heads, head_dim):
-    layers = [reader.take(pattern.format(l=l), transform) for l in range(num_layers)]
-    _set(tree, ('blocks',) + path, None if any(x is None for x in layers) else np.stack(layers))
+    _set(tree, ('blocks',) + path, _take_stacked(reader, [pattern.format(l=l) for l in range(num_layers)], transform))
   if zero_linears:
-    layers = [reader.take(f'mixins.adaln_layer.zero_linears.{l}.weight', _linear) for l in range(num_layers)]
-    _set(tree, ('blocks', 'zero_linear', 'kernel'), None if any(x is None for x in layers) else np.stack(layers))
+    _set(tree, ('blocks', 'zero_linear', 'kernel'),
+         _take_stacked(reader, [f'mixins.adaln_layer.zero_linears.{l}.weight' for l in range(num_layers)], _linear))
   if final:
     for name, path, transform in final_rules(d, dit.out_channels, dit.patch_size):
-      _set(tree, ('final',) + path, reader.take(name, transform))
+      _set(tree, ('final',) + path, _take(reader, name, transform))
   return tree
 
 
@@ -144,9 +164,10 @@ def _check_position_table(tensors: Mapping[str, np.ndarray], dit: Any, label: st
                           f'the dit config {table.shape}; the config does not describe this checkpoint.')
 
 
-def split_by_prefix(state_dict: Mapping[str, np.ndarray], prefixes: tuple[str, ...]) -> tuple[dict, str]:
+def split_by_prefix(state_dict: Mapping[str, np.ndarray], prefixes: tuple[str, ...]) -> tuple[Mapping, str]:
+  """The tensors under the first of `prefixes` any name starts with (a view, without it), and that prefix."""
   for prefix in prefixes:
-    part = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    part = strip_prefix(state_dict, prefix)
     if part:
       return part, prefix
   return {}, ''
@@ -182,14 +203,16 @@ def convert_upsampler(tensors: Mapping[str, np.ndarray], config: Any, label: str
               for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
   tree: dict = {}
   used = set()
-  for name, array in tensors.items():
-    path = upsampler_path(name, np.ndim(array))
-    if path is None or path not in expected:
+  for name in tensors:
+    if upsampler_path(name, 1) is None:  # not the upsampler's (e.g. the tokenizer under semantic_model.): not read
       continue
-    value = np.asarray(array, np.float32)
+    value = np.asarray(tensors[name], np.float32)
+    path = upsampler_path(name, value.ndim)
+    if path not in expected:
+      continue
     if value.ndim == 4:
       value = np.transpose(value, (2, 3, 1, 0))
-    _set(tree, path, np.ascontiguousarray(value))
+    _set(tree, path, keep(value))
     used.add(name)
   found = {tuple(str(k.key) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
   missing = [f'{label}{UPSAMPLER_PREFIX}' + '/'.join(p) for p in expected if p not in found]
@@ -220,17 +243,19 @@ def convert_dit(state_dict: Mapping[str, np.ndarray], config: Any, *,
     sample = ', '.join(list(state_dict)[:5])
     raise ConversionError(f'no DiT tensors found: expected names starting with one of {BACKBONE_PREFIXES}; the file '
                           f'starts with {sample}. Is this the CogVideoX-2B transformer or LanDiff diffusion checkpoint?')
-  merged_backbone = {**base, **backbone}
+  merged_backbone = ChainMap(backbone, base)  # views: nothing is read until converted
   _check_position_table(merged_backbone, dit, backbone_prefix or base_prefix)
   reader = _Reader(merged_backbone, backbone_prefix or base_prefix)
   params = {'dit': _convert_transformer(reader, dit, int(dit.num_layers), final=True, zero_linears=False)}
   readers = [reader]
   if num_control:
-    control_reader = _Reader({**merged_backbone, **control}, control_prefix or CONTROL_PREFIXES[0])
+    control_reader = _Reader(ChainMap(control, merged_backbone), control_prefix or CONTROL_PREFIXES[0])
     control_tree = _convert_transformer(control_reader, dit, num_control, final=False, zero_linears=True)
     if not control:  # not trained yet: the release's initialisation
-      control_tree['blocks']['zero_linear']['kernel'] = np.zeros((num_control, dit.hidden_size, dit.hidden_size),
-                                                                 np.float32)
+      zeros = Stack()
+      for _ in range(num_control):
+        zeros.add(np.zeros((dit.hidden_size, dit.hidden_size), np.float32))
+      control_tree['blocks']['zero_linear']['kernel'] = zeros.result()
       control_reader.missing = [m for m in control_reader.missing if 'zero_linears' not in m]
     _check_position_table(control, dit, control_prefix)
     params['control'] = control_tree
@@ -238,7 +263,7 @@ def convert_dit(state_dict: Mapping[str, np.ndarray], config: Any, *,
   missing = [m for r in readers for m in r.missing]
   control_used = set(readers[-1].used) if num_control else set()
   if num_control and 'upsampler' in config:
-    conditioner = {k[len(UPSAMPLER_PREFIX):]: v for k, v in control.items() if k.startswith(UPSAMPLER_PREFIX)}
+    conditioner = strip_prefix(control, UPSAMPLER_PREFIX)
     if conditioner or control:
       params['upsampler'], upsampler_missing, upsampler_used = convert_upsampler(conditioner, config.upsampler,
                                                                                  control_prefix)

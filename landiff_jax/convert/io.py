@@ -1,17 +1,25 @@
-"""Reading PyTorch-side checkpoints into `{name: numpy array}` without executing untrusted code.
+"""Reading PyTorch-side checkpoints as `{name: numpy array}` mappings without executing untrusted code.
 
-- SAT / PyTorch `.pt` `.pth` `.bin`: `torch.load(weights_only=True)` (torch is a conversion-only dependency);
+Checkpoints are read lazily: `load_state_dict` returns a `LazyStateDict` that reads a tensor from the file each
+time it is looked up and keeps nothing, so converting a part needs memory for the tensors in use, not the file.
+
+- SAT / PyTorch `.pt` `.pth` `.bin`: `torch.load(weights_only=True, mmap=True)` (torch is a conversion-only
+  dependency); each tensor is copied out of the memory map when looked up and its pages handed back.
   `{"state_dict": ...}` (VAE) and `{"module": ...}` (SAT / DeepSpeed) wrappers are unwrapped.
-- `.safetensors`: parsed here with numpy memory maps, so tensors are read lazily one at a time and bf16 stays
-  bf16 (`ml_dtypes`), with no torch needed.
+- `.safetensors`: parsed here; each tensor is read with one file read, bf16 stays bf16 (`ml_dtypes`), no torch.
 - A directory: its `*.safetensors.index.json` (sharded HF layout) or its single `.safetensors` file.
 """
 
 import argparse
+from collections.abc import Callable, MutableMapping
+import ctypes
+import functools
 import glob
 import json
+import mmap
 import os
 import struct
+import sys
 from typing import Any, Iterator, Mapping
 
 import ml_dtypes
@@ -28,25 +36,62 @@ _TORCH_SUFFIXES = ('.pt', '.pth', '.bin', '.ckpt')
 _SAFE_TORCH_GLOBALS = (argparse.Namespace,)
 
 
-def load_state_dict(path: str) -> dict[str, np.ndarray]:
-  """All tensors of a checkpoint file or directory as numpy arrays (safetensors ones memory-mapped)."""
-  return dict(iter_tensors(path))
+class LazyStateDict(MutableMapping):
+  """name → numpy array, read from the checkpoint each time a name is looked up (a fresh array, not kept).
+
+  Iterating names, `in` and `len` read nothing; `items()`/`values()` read one tensor per step. Names assigned
+  hold their array (tests edit checkpoints this way); deleting a name hides the file's tensor.
+  """
+
+  def __init__(self, readers: Mapping[str, Callable[[], np.ndarray]]):
+    self._entries: dict[str, Any] = dict(readers)
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    entry = self._entries[name]
+    return entry if isinstance(entry, np.ndarray) else entry()
+
+  def __setitem__(self, name: str, value: np.ndarray) -> None:
+    self._entries[name] = np.asarray(value)
+
+  def __delitem__(self, name: str) -> None:
+    del self._entries[name]
+
+  def __contains__(self, name: object) -> bool:  # without reading the tensor
+    return name in self._entries
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._entries)
+
+  def __len__(self) -> int:
+    return len(self._entries)
+
+  def __repr__(self) -> str:
+    return f'LazyStateDict({len(self)} tensors)'
 
 
-def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-  """(name, array) pairs; for safetensors each array is read only when used."""
+def load_state_dict(path: str) -> LazyStateDict:
+  """Every tensor of a checkpoint file or directory, each read only when looked up (see `LazyStateDict`).
+
+  Bad files (missing, unknown type, truncated safetensors, unsafe pickles) are refused here, before any use.
+  """
   if not os.path.exists(path):
     raise ConversionError(f'checkpoint {path!r} does not exist; pass the path of the official file or directory.')
   if os.path.isdir(path):
+    readers = {}
     for file in safetensors_files(path):
-      yield from iter_safetensors(file)
-  elif path.endswith('.safetensors'):
-    yield from iter_safetensors(path)
-  elif path.endswith(_TORCH_SUFFIXES):
-    yield from load_torch_checkpoint(path).items()
-  else:
-    raise ConversionError(f'checkpoint {path!r}: unknown file type; expected a .safetensors file, a PyTorch '
-                          f'{"/".join(_TORCH_SUFFIXES)} file or a directory of safetensors shards.')
+      readers.update(safetensors_readers(file))
+    return LazyStateDict(readers)
+  if path.endswith('.safetensors'):
+    return LazyStateDict(safetensors_readers(path))
+  if path.endswith(_TORCH_SUFFIXES):
+    return load_torch_checkpoint(path)
+  raise ConversionError(f'checkpoint {path!r}: unknown file type; expected a .safetensors file, a PyTorch '
+                        f'{"/".join(_TORCH_SUFFIXES)} file or a directory of safetensors shards.')
+
+
+def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
+  """(name, array) pairs, each array read as the iteration reaches it."""
+  yield from load_state_dict(path).items()
 
 
 def safetensors_files(directory: str) -> list[str]:
@@ -86,9 +131,11 @@ def read_safetensors_header(path: str) -> tuple[dict[str, Any], int]:
   return header, 8 + header_len
 
 
-def iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
+def safetensors_readers(path: str) -> dict[str, Callable[[], np.ndarray]]:
+  """name → function reading that tensor from the file; every entry is checked against the file size first."""
   header, data_start = read_safetensors_header(path)
-  data = np.memmap(path, dtype=np.uint8, mode='r')
+  file_size = os.path.getsize(path)
+  readers = {}
   for name, entry in header.items():
     if name == '__metadata__':
       continue
@@ -97,15 +144,27 @@ def iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
       raise ConversionError(f'{path}: tensor {name!r} has unsupported dtype {entry["dtype"]}.')
     begin, end = entry['data_offsets']
     expected = int(np.prod(entry['shape'], dtype=np.int64)) * np.dtype(dtype).itemsize
-    if end - begin != expected or data_start + end > data.shape[0]:
+    if end - begin != expected or data_start + end > file_size:
       raise ConversionError(f'{path} is truncated or corrupt: tensor {name!r} ({entry["dtype"]} {entry["shape"]}) '
                             f'needs bytes [{data_start + begin}, {data_start + end}) but the file has '
-                            f'{data.shape[0]}. Download it again.')
-    yield name, data[data_start + begin:data_start + end].view(dtype).reshape(entry['shape'])
+                            f'{file_size}. Download it again.')
+    readers[name] = functools.partial(_read_safetensor, path, data_start + begin, end - begin, dtype,
+                                      tuple(entry['shape']))
+  return readers
 
 
-def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
-  """Tensors of a PyTorch pickle loaded with `weights_only=True`; unsafe pickles are refused, not executed."""
+def _read_safetensor(path: str, offset: int, nbytes: int, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+  data = np.fromfile(path, dtype=np.uint8, count=nbytes, offset=offset)
+  if data.size != nbytes:
+    raise ConversionError(f'{path} is truncated: it ended while reading bytes [{offset}, {offset + nbytes}).')
+  return data.view(dtype).reshape(shape)
+
+
+def load_torch_checkpoint(path: str) -> LazyStateDict:
+  """Tensors of a PyTorch pickle loaded with `weights_only=True`; unsafe pickles are refused, not executed.
+
+  The file is memory-mapped (`mmap=True`): a tensor is copied out when looked up and the pages it occupied are
+  then handed back to the OS, so reading the whole file one tensor at a time never holds it all resident."""
   try:
     import torch
   except ImportError:
@@ -118,7 +177,8 @@ def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
     raise ConversionError(f'refusing to load {path}: it is not a plain tensor checkpoint that can be read '
                           f'without executing code ({type(e).__name__}: {str(e).splitlines()[0]}).') from None
   state_dict = unwrap_state_dict(payload, path)
-  return {name: torch_to_numpy(tensor) for name, tensor in state_dict.items() if isinstance(tensor, torch.Tensor)}
+  return LazyStateDict({name: functools.partial(_read_mapped_tensor, tensor)
+                        for name, tensor in state_dict.items() if isinstance(tensor, torch.Tensor)})
 
 
 def unwrap_state_dict(payload: Any, path: str) -> Mapping[str, Any]:
@@ -136,6 +196,39 @@ def unwrap_state_dict(payload: Any, path: str) -> Mapping[str, Any]:
   if not isinstance(node, Mapping) or not node:
     raise ConversionError(f'{path} holds no state dict (top-level {type(payload).__name__}).')
   return node
+
+
+def _read_mapped_tensor(tensor) -> np.ndarray:
+  """A numpy copy of a tensor of a memory-mapped checkpoint; the mapped pages it read are released after."""
+  array = np.array(torch_to_numpy(tensor), copy=True)
+  _release_pages(tensor.untyped_storage())
+  return array
+
+
+_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim the pages (file pages are re-read on next use; contents never change)
+
+
+@functools.cache
+def _madvise():
+  if not sys.platform.startswith('linux'):
+    return None
+  try:
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+  except (OSError, AttributeError):
+    return None
+  madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+  return madvise
+
+
+def _release_pages(storage) -> None:
+  """Asks the OS to drop the whole pages of `storage` from this process's resident memory (a hint; a no-op where
+  unsupported). Touched pages of a file mapping otherwise count as resident until the mapping is closed."""
+  madvise = _madvise()
+  start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+  start = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+  end = end // mmap.PAGESIZE * mmap.PAGESIZE
+  if madvise is not None and end > start:
+    madvise(start, end - start, _MADV_PAGEOUT)
 
 
 def torch_to_numpy(tensor) -> np.ndarray:

@@ -9,8 +9,11 @@
     --flan-t5 DIR (not part of the release)                              → t5_lm + t5_lm_tokenizer/
     --theia DIR, or Theia's copy inside the tokenizer file (optional)     → theia (to encode videos)
 
-Each part is converted and written on its own (its tensors are released before the next part is read); a part whose
-sources are unchanged since it was written (size and modification time, kept in `manifest.json`) is skipped.
+Each part is converted and written on its own, streaming: source tensors are read one at a time and each converted
+parameter goes to a temporary file under DST at once (`common.spilling`), then `checkpoints.save` writes them one at
+a time, so memory stays near the largest tensor rather than the part (that takes free disk for one part's float32
+parameters besides the output). A part whose sources are unchanged since it was written (size and modification
+time, kept in `manifest.json`) is skipped.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from typing import Any, Callable
 
 import ml_collections
 
 from landiff_jax import checkpoints, pipeline
-from landiff_jax.convert import ConversionError, io
+from landiff_jax.convert import ConversionError, common, io
 from landiff_jax.convert.dit import convert_dit
 from landiff_jax.convert.lm import convert_lm
 from landiff_jax.convert.t5 import convert_t5
@@ -125,9 +129,10 @@ def convert_release(src: str, dst: str, config: ml_collections.ConfigDict, *, t5
       log(f'{part}: unchanged since the last conversion, kept')
       continue
     log(f'{part}: converting {paths["src"]}' + (f' over {paths["base"]}' if 'base' in paths else ''))
-    params, part_config = convert_part(part, paths, config)
-    checkpoints.save(out, part=part, config=part_config, params=params, overwrite=True, source=paths['src'])
-    del params
+    with tempfile.TemporaryDirectory(prefix=f'.{part}.spill-', dir=dst) as spill, common.spilling(spill):
+      params, part_config = convert_part(part, paths, config)
+      checkpoints.save(out, part=part, config=part_config, params=params, overwrite=True, source=paths['src'])
+      del params
     if part in pipeline.TEXT_TOKENIZERS:
       copy_tokenizer(paths['src'], os.path.join(dst, pipeline.TEXT_TOKENIZERS[part]))
     manifest[part] = stamp

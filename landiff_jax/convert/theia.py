@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from landiff_jax.convert import ConversionError
-from landiff_jax.convert.common import Mapper, expected_shapes, linear
+from landiff_jax.convert.common import Mapper, Renamed, expected_shapes, linear, strip_prefix
 from landiff_jax.models import theia as theia_model
 
 PREFIXES = ('feature_extractor.model.backbone.model.', 'backbone.model.', 'model.', 'vit.')
@@ -27,19 +27,20 @@ RENAMES_4X = [
 IGNORED = ('pooler.', 'classifier.', 'translator.', 'head.')
 
 
-def normalise_names(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Strips the wrapper prefix (the backbone's tensors only) and maps 4.x names onto 5.x names."""
+def normalise_names(state_dict: Mapping[str, np.ndarray]) -> Renamed:
+  """Strips the wrapper prefix (the backbone's tensors only) and maps 4.x names onto 5.x names (reading nothing)."""
   for prefix in PREFIXES:
-    inside = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    inside = strip_prefix(state_dict, prefix)
     if any(k.startswith('embeddings.') for k in inside):
       state_dict = inside
       break
-  out = {}
-  for name, value in state_dict.items():
+  names = {}
+  for old_name in state_dict:
+    name = old_name
     for pattern, replacement in RENAMES_4X:
       name = re.sub(pattern, replacement, name)
-    out[name] = value
-  return out
+    names[name] = old_name
+  return Renamed(state_dict, names)
 
 
 def convert_theia(state_dict: Mapping[str, np.ndarray], config: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from landiff_jax.convert import ConversionError
-from landiff_jax.convert.common import Mapper, expected_shapes, linear
+from landiff_jax.convert.common import Mapper, expected_shapes, keep, linear
 from landiff_jax.models import tokenizer as tokenizer_model
 
 IGNORED_PREFIXES = ('feature_extractor.',)
@@ -82,7 +82,8 @@ def convert_tokenizer(state_dict: Mapping[str, np.ndarray], config: Any) -> dict
         continue
       names = [f'{part}.transformer.{i}.{suffix}' for i in range(s.num_layers)]
       m.take_stacked(names, ('params', part, 'transformer') + path, transform)
-  ema = {short: np.asarray(state_dict[name], np.float32)[0] for name, short in EMA_KEYS.items() if name in state_dict}
+  ema = {short: keep(np.asarray(state_dict[name], np.float32)[0])
+         for name, short in EMA_KEYS.items() if name in state_dict}
   m.used.update(name for name in EMA_KEYS if name in state_dict)
   ignored = lambda name: name in ('mean', 'std') or name.startswith(IGNORED_PREFIXES)
   out = m.result(f'tokenizer (width {s.width}, {s.num_layers} layers, {s.num_heads} heads, codebook '

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from landiff_jax.convert.common import expected_shapes, nested, raise_problems
+from landiff_jax.convert.common import expected_shapes, keep, nested, raise_problems, strip_prefix
 from landiff_jax.models import vae as vae_model
 
 SAT_PREFIXES = ('first_stage_model.',)
@@ -65,16 +65,17 @@ def convert_vae(state_dict: Mapping[str, np.ndarray], config: Any, *, decoder_on
   names = list(state_dict)
   for prefix in SAT_PREFIXES:
     if names and all(n.startswith(prefix) for n in names):
-      state_dict = {n[len(prefix):]: v for n, v in state_dict.items()}
+      state_dict = strip_prefix(state_dict, prefix)
       names = list(state_dict)
   sat = is_sat_layout(names)
   num_levels = len(config.channel_mult)
   expected = expected_tree(config, decoder_only)
-  params: dict[tuple[str, ...], np.ndarray] = {}
+  params: dict[tuple[str, ...], Any] = {}
   unexpected, misshaped = [], []
-  for name, array in state_dict.items():
+  for name in names:  # one tensor read at a time
     if name.startswith(IGNORED_PREFIXES) or (decoder_only and name.startswith('encoder.')):
       continue
+    array = state_dict[name]
     diffusers_name = sat_to_diffusers_name(name, num_levels) if sat else name
     path = ('params',) + diffusers_name_to_path(diffusers_name, np.ndim(array))
     if path not in expected:
@@ -84,7 +85,7 @@ def convert_vae(state_dict: Mapping[str, np.ndarray], config: Any, *, decoder_on
     if value.shape != expected[path]:
       misshaped.append(f'{name}: {tuple(np.shape(array))} → {value.shape}, expected {expected[path]}')
       continue
-    params[path] = value
+    params[path] = keep(value)
   missing = ['/'.join(p[1:]) for p in expected if p not in params]
   layout = 'SAT' if sat else 'diffusers'
   raise_problems(f'the VAE checkpoint ({layout} layout) does not match the config (channels {config.channels}, '
