@@ -215,7 +215,7 @@ def load_params(path: str, shardings: Any = None) -> Any:
   checkpointer = ocp.StandardCheckpointer()
   metadata = checkpointer.metadata(params_path).item_metadata.tree
   if shardings is None:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's (multi-host: not devices()[0])
     shardings = jax.tree.map(lambda _: device, metadata)
   elif callable(shardings):
     shardings = jax.tree_util.tree_map_with_path(shardings, metadata)

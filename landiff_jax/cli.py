@@ -173,10 +173,14 @@ def cmd_train(args, config) -> int:
   """Trains one stage with the generic loop; resumes from the latest checkpoint in train.workdir."""
   import importlib
 
+  from landiff_jax import parallel
   from landiff_jax.train import train
 
   module_name, class_name = TRAIN_TASKS[args.stage].split(':')
   try:
+    # before anything touches a device: building a task may create arrays, after which JAX refuses to start
+    # the multi-process runtime
+    parallel.initialize_distributed(config.parallel)
     task = getattr(importlib.import_module(module_name), class_name)(config)
     state = train(task, config.train, config.parallel, config=config.to_dict())
   except (ValueError, FileNotFoundError, KeyError) as e:

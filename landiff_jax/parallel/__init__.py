@@ -2,9 +2,11 @@
 
 from landiff_jax.parallel.mesh import MESH_AXES, initialize_distributed, make_mesh, resolve_mesh_shape
 from landiff_jax.parallel.sharding import (batch_shards, batch_sharding, logical_rules, mesh_context,
-                                           param_shardings, shard_batch, strip_partitioning)
+                                           param_shardings, process_batch_rows, shard_batch,
+                                           strip_partitioning)
 
 __all__ = [
     'MESH_AXES', 'batch_shards', 'batch_sharding', 'initialize_distributed', 'logical_rules', 'make_mesh',
-    'mesh_context', 'param_shardings', 'resolve_mesh_shape', 'shard_batch', 'strip_partitioning'
+    'mesh_context', 'param_shardings', 'process_batch_rows', 'resolve_mesh_shape', 'shard_batch',
+    'strip_partitioning'
 ]

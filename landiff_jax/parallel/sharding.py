@@ -108,8 +108,22 @@ def batch_shards(mesh: Mesh, rules: Rules) -> int:
   return _mesh_axes_size(mesh, batch_sharding(mesh, rules, 1).spec[0])
 
 
+def process_batch_rows(mesh: Mesh, rules: Rules, batch_size: int) -> list[int]:
+  """The rows of a global batch of `batch_size` that this process's devices hold, ascending.
+
+  What this process must read of each global batch, in the order `shard_batch` expects them; with several
+  processes these are, for the usual meshes, one contiguous block per process.
+  """
+  rows = set()
+  for device, index in batch_sharding(mesh, rules, 1).devices_indices_map((batch_size,)).items():
+    if device.process_index == jax.process_index():
+      rows.update(range(batch_size)[index[0]])
+  return sorted(rows)
+
+
 def shard_batch(local_batch: Any, mesh: Mesh, rules: Rules) -> Any:
-  """Global arrays from this process's rows of the batch (a pytree of numpy arrays, leading axis = batch)."""
+  """Global arrays from this process's rows of the batch (a pytree of numpy arrays, leading axis = batch):
+  the rows `process_batch_rows` names, in that order."""
 
   def to_global(x):
     x = np.asarray(x)

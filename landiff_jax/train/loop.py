@@ -143,8 +143,11 @@ def train(task: Task, train_config, parallel_config, *, mesh: Mesh | None = None
   tx, schedule = make_optimizer(train_config), learning_rate_schedule(train_config)
   saved_config = checkpoint.config_as_json(
       config if config is not None else {'train': train_config.to_dict(), 'parallel': parallel_config.to_dict()})
+  # each process reads the rows of every global batch that its devices hold, so the global batch (and with it
+  # the per-row randomness of the loss) does not depend on the number of processes
   data = make_batch_iterator(task.dataset(), train_config.batch_size, seed=train_config.data_seed,
-                             shuffle=train_config.shuffle)
+                             shuffle=train_config.shuffle,
+                             rows=parallel.process_batch_rows(mesh, rules, train_config.batch_size))
   manager = checkpoint.make_manager(train_config.workdir, train_config.keep_checkpoints)
   try:
     with parallel.mesh_context(mesh, rules):
