@@ -225,6 +225,8 @@ def vae_config():
           encode_chunk_frames=8,
           # False for decoder-only model directories (`landiff-jax convert vae --decoder-only`): enough to generate.
           with_encoder=True,
+          # `landiff-jax train vae` only (small VAEs from scratch, e.g. the demo): weight of the posterior's KL term.
+          kl_weight=1e-4,
       ))
 
 

@@ -18,6 +18,10 @@ FROZEN = {
     'lm': [],
     # the CogVideoX-2B backbone: no gradients, no optimizer state
     'diffusion': ['^params/dit/'],
+    # a CogVideoX-architecture VAE trained whole (the demo's)
+    'vae': [],
+    # the renderer's backbone trained whole, without control branch (the demo's, before its 'diffusion' stage)
+    'backbone': [],
 }
 
 

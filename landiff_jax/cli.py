@@ -88,13 +88,14 @@ CONVERTER_ALIASES = {'landiff-diffusion': 'dit'}
 def cmd_convert(args, config) -> int:
   """Converts one part of the official release into a landiff-jax model directory."""
   import importlib
+  import tempfile
   import time
 
   import jax
   import ml_collections
 
   from landiff_jax import checkpoints
-  from landiff_jax.convert import ConversionError, io
+  from landiff_jax.convert import ConversionError, common, io
 
   if args.part == 'all':
     return convert_all(args, config)
@@ -163,9 +164,11 @@ def cmd_bench(args, config) -> int:
 
 # stage → 'module:Task class' (constructed with the whole config).
 TRAIN_TASKS = {
+    'backbone': 'landiff_jax.train.tasks.diffusion:BackboneTask',
     'diffusion': 'landiff_jax.train.tasks.diffusion:DiffusionTask',
     'tokenizer': 'landiff_jax.train.tasks.tokenizer:TokenizerTask',
     'lm': 'landiff_jax.train.tasks.lm:LMTask',
+    'vae': 'landiff_jax.train.tasks.vae:VAETask',
 }
 
 
@@ -409,7 +412,7 @@ COMMANDS = {
     'generate': (cmd_generate, 'generate videos from text prompts'),
     'encode': (cmd_encode, 'a video file to semantic ids (Theia + tokenizer encoder)'),
     'reconstruct': (cmd_reconstruct, 'a video file to ids and back to features, with the reconstruction error'),
-    'train': (cmd_train, 'train one stage (tokenizer, lm, diffusion) with the sharded training loop'),
+    'train': (cmd_train, 'train one stage (vae, tokenizer, lm, backbone, diffusion) with the sharded training loop'),
     'eval': (cmd_eval, 'score prompt following with an analytic detector (shapes: the built-in demo)'),
     'plan': (cmd_plan, 'per-device memory and FLOPs of a training step on a mesh, compiled ahead of time'),
     'bench': (cmd_bench, 'time a model at the configured size (peak memory too), next to the PyTorch reference'),

@@ -105,3 +105,26 @@ def test_cli_trains_from_a_directory_of_examples(tmp_path, capsys):
   assert code == 0, capsys.readouterr().err
   assert 'trained diffusion to step 2' in capsys.readouterr().out
   assert (tmp_path / 'run' / 'metrics.jsonl').exists()
+
+
+def test_backbone_trains_alone_then_carries_the_control_stage(tmp_path):
+  """`train backbone`: the DiT alone learns (no features needed); its parameters, saved as a model directory,
+  start the control stage as its frozen backbone."""
+  from landiff_jax.train.tasks.diffusion import BackboneTask
+  cfg = load_config('configs/train.py:backbone,tiny', [f'train.workdir={tmp_path / "backbone"}', 'train.num_steps=30',
+                                                       'train.learning_rate=3e-3', 'train.warmup_steps=3'])
+  data = [{k: v for k, v in e.items() if k != 'features'} for e in examples(cfg)]
+  losses = []
+  state = train(BackboneTask(cfg, data), cfg.train, cfg.parallel,
+                hooks=[lambda step, state, metrics: losses.append(float(metrics['loss']))])
+  losses = np.array(losses)
+  assert losses[-8:].mean() < 0.6 * losses[:3].mean(), losses
+  assert set(state.params['params']) == {'dit'}
+  section = load_config('configs/tiny.py')
+  part_config = type(section)({name: section[name].to_dict() for name in ('dit', 'control', 'upsampler')})
+  path = tmp_path / 'dit'
+  checkpoints.save(str(path), part='dit', config=part_config, params=jax.device_get(state.params))
+  control = tiny(tmp_path / 'control', 'train.num_steps=1', 'train.warmup_steps=0', f'train.init_from={path}')
+  control_state = train(DiffusionTask(control, examples(control)), control.train, control.parallel)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(control_state.frozen_params['params']['dit']),
+               jax.device_get(state.params['params']['dit']))

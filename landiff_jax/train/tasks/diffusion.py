@@ -7,7 +7,8 @@ the examples (classifier-free guidance). With `diffusion.prefix_frames = k` the 
 the input and are left out of the loss (the release's `fixed_frames`, the basis of streaming).
 
 Examples (`train.data_dir`, one `.npz` each, see `NpzDirectory`): `latents` [T, h, w, 16] scaled VAE latents,
-`text` [226, 4096] T5 features, `features` [T, h/2, w/2, 768] tokenizer-decoder features.
+`text` [226, 4096] T5 features, `features` [T, h/2, w/2, 768] tokenizer-decoder features (not for `BackboneTask`,
+the backbone trained alone).
 """
 
 from __future__ import annotations
@@ -37,15 +38,17 @@ def training_alphas(diffusion_config: Any) -> np.ndarray:
 
 
 class DiffusionTask(StageTask):
-  """The `landiff_jax.train.Task` of the diffusion stage."""
+  """The `landiff_jax.train.Task` of the diffusion stage (control branch + upsampler on a frozen backbone)."""
 
   example_keys = EXAMPLE_KEYS
+  with_control = True
 
   def __init__(self, config: Any, examples: Any = None):
     super().__init__(config, examples)
     dtype = jnp.dtype(config.compute_dtype)
-    self.model = dit_model.build_dit(config, dtype=dtype, remat_policy=config.remat_policy)
-    if not self.model.num_control_layers or self.model.upsampler is None:
+    self.model = dit_model.build_dit(config, dtype=dtype, remat_policy=config.remat_policy,
+                                     num_control_layers=None if self.with_control else 0)
+    if self.with_control and (not self.model.num_control_layers or self.model.upsampler is None):
       raise ValueError('diffusion training needs control.num_layers > 0 and an upsampler section.')
     self.alphas = jnp.asarray(training_alphas(config.diffusion))
     self.text_dropout = float(config.diffusion.text_dropout)
@@ -55,9 +58,11 @@ class DiffusionTask(StageTask):
     """The global batch of `batch` examples, as abstract arrays (for `landiff-jax plan`)."""
     c, u = self.config.dit, self.config.upsampler
     grid = (c.latent_frames, c.latent_height, c.latent_width)
-    return {'latents': jax.ShapeDtypeStruct((batch, *grid, c.in_channels), jnp.float32),
-            'text': jax.ShapeDtypeStruct((batch, c.text_length, c.text_dim), jnp.float32),
-            'features': jax.ShapeDtypeStruct((batch, grid[0], grid[1] // 2, grid[2] // 2, u.in_channels), jnp.float32)}
+    shapes = {'latents': jax.ShapeDtypeStruct((batch, *grid, c.in_channels), jnp.float32),
+              'text': jax.ShapeDtypeStruct((batch, c.text_length, c.text_dim), jnp.float32),
+              'features': jax.ShapeDtypeStruct((batch, grid[0], grid[1] // 2, grid[2] // 2, u.in_channels),
+                                               jnp.float32)}
+    return {k: shapes[k] for k in self.example_keys}
 
   def init_params(self, rng: jax.Array, example_batch: Any) -> Any:
     del example_batch
@@ -79,10 +84,20 @@ class DiffusionTask(StageTask):
       noisy = noisy.at[:, :k].set(latents[:, :k])
     keep_text = jax.random.bernoulli(drop_key, 1.0 - self.text_dropout, (b,))
     text = jnp.where(keep_text[:, None, None], batch['text'], 0.0)
-    condition = self.model.apply(params, batch['features'], method=dit_model.ControlledDiT.semantic_condition)
+    condition = None
+    if self.with_control:
+      condition = self.model.apply(params, batch['features'], method=dit_model.ControlledDiT.semantic_condition)
     v = self.model.apply(params, noisy, t.astype(jnp.float32), text, condition)
     x0 = a * noisy - sigma * v
     per_example = jnp.mean(jnp.square(x0 - latents)[:, k:], axis=(1, 2, 3, 4)) / (1.0 - a[:, 0, 0, 0, 0]**2)
     loss = jnp.mean(per_example)
     return loss, {'v_mse': jnp.mean(jnp.square(v - (a * noisy - latents) / sigma)[:, k:]),
                   'text_kept': jnp.mean(keep_text.astype(jnp.float32))}
+
+
+class BackboneTask(DiffusionTask):
+  """The backbone alone (no control branch, no semantic features), trained whole with the same loss: how a
+  small renderer is made from scratch (the demo) before its control branch trains on top of it, frozen."""
+
+  example_keys = ('latents', 'text')
+  with_control = False
