@@ -25,6 +25,18 @@ FROZEN = {
 }
 
 
+# The full-size stages' sharding plans (from `landiff-jax plan`, see the README's "Training on many hosts"):
+# parameters, gradients and optimizer state split over every device by FSDP, no tensor parallelism (it does not
+# pay at 0.2-2 B parameters, and the LM's 2,055-entry vocabulary does not split), activations rematerialised
+# per block. Past 64 devices give 'data' the rest, e.g. --config.parallel.mesh.data=4 --config.parallel.mesh.fsdp=64
+# (the renderer's hidden size 1,920 caps fsdp at 128).
+PLANS = {
+    'tokenizer': dict(mesh=dict(data=1, fsdp=-1, tensor=1), remat_policy='nothing_saveable'),
+    'lm': dict(mesh=dict(data=1, fsdp=-1, tensor=1), remat_policy='nothing_saveable'),
+    'diffusion': dict(mesh=dict(data=1, fsdp=-1, tensor=1), remat_policy='nothing_saveable'),
+}
+
+
 def _load(name):
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{name}.py')
   spec = importlib.util.spec_from_file_location(f'_landiff_{name}', path)
@@ -40,4 +52,7 @@ def get_config(arg):
   config = _load('tiny' if size else 'landiff_official')
   config.name = f'train_{stage}{"_tiny" if size else ""}'
   config.train.frozen = list(FROZEN[stage])
+  if not size and stage in PLANS:
+    config.parallel.mesh.update(PLANS[stage]['mesh'])
+    config.remat_policy = PLANS[stage]['remat_policy']
   return config

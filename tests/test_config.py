@@ -135,3 +135,12 @@ def test_cli_devices_builds_the_configured_mesh(capsys):
 def test_module_entry_point_runs():
   result = subprocess.run([sys.executable, '-m', 'landiff_jax', '--help'], capture_output=True, text=True, check=True)
   assert 'landiff-jax' in result.stdout and 'config' in result.stdout
+
+
+def test_full_size_stages_carry_their_sharding_plan():
+  for stage in ('tokenizer', 'lm', 'diffusion'):
+    config = config_lib.load_config(f'configs/train.py:{stage}')
+    assert dict(config.parallel.mesh) == {'data': 1, 'fsdp': -1, 'tensor': 1}
+    assert config.remat_policy == 'nothing_saveable'
+  tiny = config_lib.load_config('configs/train.py:lm,tiny')
+  assert dict(tiny.parallel.mesh) == dict(config_lib.load_config('configs/tiny.py').parallel.mesh)
