@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh --test
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 JAX_PLATFORMS=cpu
-export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}"
+export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0}"
 set +e
 .venv/bin/python -m pytest -q "$@"
 status=$?
