@@ -18,7 +18,6 @@ import os
 import time
 from typing import Any, Callable
 
-import flax
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 import jax.numpy as jnp
@@ -216,28 +215,12 @@ def load_part(path: str, mesh: jax.sharding.Mesh, rules, **model_kwargs) -> tupl
   meta = checkpoints.read_meta(path)
   model = checkpoints.build_model(meta['part'], ml_collections.ConfigDict(meta['config']), **model_kwargs)
   abstract = jax.eval_shape(model.init_params, jax.random.key(0))
-  shardings = flax.linen.logical_to_mesh_sharding(flax.linen.get_partition_spec(abstract), mesh, rules)
-  values = parallel.strip_partitioning(abstract)
-  by_path = {jax.tree_util.keystr(path): _even(sharding, value.shape)
-             for (path, sharding), value in zip(jax.tree_util.tree_leaves_with_path(shardings),
-                                                jax.tree.leaves(values))}
+  shardings = parallel.param_shardings(abstract, mesh, rules, uneven='replicate')
+  by_path = {jax.tree_util.keystr(path): sharding for path, sharding in jax.tree_util.tree_leaves_with_path(shardings)}
   replicated = NamedSharding(mesh, PartitionSpec())
   # Stored trees may lack collections the model's init has (e.g. the tokenizer's EMA codebook statistics).
   placement = lambda key_path, _: by_path.get(jax.tree_util.keystr(key_path), replicated)
   return model, checkpoints.load_params(path, placement)
-
-
-def _even(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
-  """`sharding` with the mesh axes dropped from any dimension they do not divide (e.g. a vocabulary of 32,003
-  rows on 2-way tensor parallelism): inference places what it can instead of refusing the mesh."""
-  mesh = sharding.mesh
-
-  def fits(size, axes):
-    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return size % int(np.prod([mesh.shape[n] for n in names], dtype=int)) == 0
-
-  spec = [axes if fits(size, axes) else None for size, axes in zip(shape, tuple(sharding.spec) + (None,) * 8)]
-  return NamedSharding(mesh, PartitionSpec(*spec))
 
 
 def load(directory: str, config: ml_collections.ConfigDict | None = None, dtype: Any = None,

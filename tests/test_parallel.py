@@ -91,6 +91,9 @@ def test_param_shardings_reject_an_indivisible_parameter():
   params = jax.eval_shape(Block(width=6).init, jax.random.key(0), jnp.ones((2, 4)))
   with pytest.raises(ValueError, match=r"'params/bias' axis 0 \(logical 'mlp', size 6\) cannot be split over mesh axes 'tensor' of size 4"):
     parallel.param_shardings(params, mesh, rules)
+  # inference places what it can: the indivisible dimension stays whole, the others keep their axes
+  shardings = parallel.param_shardings(params, mesh, rules, uneven='replicate')['params']
+  assert shardings['kernel'].spec == P('fsdp', None) and shardings['bias'].spec == P(None)
 
 
 @pytest.mark.parametrize('sizes', [(2, 4, 1), (1, 2, 4), (8, 1, 1)])

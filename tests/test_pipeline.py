@@ -211,9 +211,16 @@ def test_eval_shapes_scores_generated_and_random_id_videos(pipe):
   """The scoring loop on the tiny pipeline (its videos are noise, so only the mechanics are checked here; the
   demo's figures come from `landiff-jax eval shapes` on the trained checkpoint)."""
   from landiff_jax.eval import shapes as shapes_eval
+  from landiff_jax.data import shapes
   prompts = ['a red circle moving right', 'a blue star staying still']
-  for random_ids in (False, True):
-    result = shapes_eval.evaluate(pipe, prompts, dit_steps=2, random_ids=random_ids)
-    assert result['prompts'] == 2 and len(result['videos']) == 2
-    assert all(0.0 <= v <= 1.0 for v in result['accuracy'].values())
-    assert set(result['videos'][0]['detected']) == {'color', 'shape', 'direction'}
+  targets = [shapes_eval.parse_prompt(p) for p in prompts]
+  result = shapes_eval.evaluate(pipe, prompts, dit_steps=2)
+  # each score is the detector's reading of the video that prompt (seed 0 + its index) generates
+  found = [shapes.detect(pipe.generate(p, seed=i, dit_steps=2).video) for i, p in enumerate(prompts)]
+  assert [v['detected'] for v in result['videos']] == found
+  assert result['accuracy'] == shapes_eval.accuracy(targets, found)
+  assert result['detector_accuracy_on_ground_truth'] == {'color': 1.0, 'shape': 1.0, 'direction': 1.0}
+  ablation = shapes_eval.evaluate(pipe, prompts, dit_steps=2, random_ids=True)
+  random_ids = np.random.default_rng([0, 0]).integers(0, pipe.layout.codebook_size, pipe.layout.tokens_per_group)
+  video = pipe.render_ids(random_ids.astype(np.int32), prompts[0], jax.random.key(0), 2)
+  assert ablation['videos'][0]['detected'] == shapes.detect(video)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 import contextlib
+import functools
 import contextvars
 import os
 import tempfile
@@ -20,6 +21,7 @@ import numpy as np
 
 from landiff_jax.checkpoints import SpilledArray
 from landiff_jax.convert import ConversionError
+from landiff_jax.convert.io import LazyStateDict
 from landiff_jax.parallel import strip_partitioning
 
 _SPILL_DIR: contextvars.ContextVar[str | None] = contextvars.ContextVar('landiff_spill_dir', default=None)
@@ -83,28 +85,14 @@ class Stack:
     return SpilledArray(self.path, (self.count,) + self.shape, self.dtype)
 
 
-class Renamed(Mapping):
-  """`source` under new names ({new: old}), looked up in `source` when used: renaming reads no tensor."""
-
-  def __init__(self, source: Mapping[str, Any], names: Mapping[str, str]):
-    self.source, self.names = source, dict(names)
-
-  def __getitem__(self, name: str) -> Any:
-    return self.source[self.names[name]]
-
-  def __contains__(self, name: object) -> bool:  # without reading the tensor
-    return name in self.names
-
-  def __iter__(self) -> Iterator[str]:
-    return iter(self.names)
-
-  def __len__(self) -> int:
-    return len(self.names)
+def renamed(source: Mapping[str, Any], names: Mapping[str, str]) -> LazyStateDict:
+  """`source` under new names ({new: old}), each tensor looked up in `source` only when used."""
+  return LazyStateDict({new: functools.partial(source.__getitem__, old) for new, old in names.items()})
 
 
-def strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> Renamed:
+def strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> LazyStateDict:
   """The names starting with `prefix`, without it."""
-  return Renamed(state_dict, {name[len(prefix):]: name for name in state_dict if name.startswith(prefix)})
+  return renamed(state_dict, {name[len(prefix):]: name for name in state_dict if name.startswith(prefix)})
 
 
 def expected_shapes(init_fn: Callable[[jax.Array], Any]) -> dict[tuple[str, ...], tuple[int, ...]]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from landiff_jax.convert.common import Mapper, Renamed, expected_shapes, linear
+from landiff_jax.convert.common import Mapper, expected_shapes, linear, renamed
 from landiff_jax.models import t5 as t5_model
 
 IGNORED_PREFIXES = ('decoder.', 'lm_head.')
@@ -20,7 +20,7 @@ IGNORED_PREFIXES = ('decoder.', 'lm_head.')
 def convert_t5(state_dict: Mapping[str, np.ndarray], config: Any) -> dict[str, Any]:
   model = t5_model.build_t5(config)
   s = model.settings
-  state_dict = Renamed(state_dict, {k[len('model.'):] if k.startswith('model.') else k: k for k in state_dict})
+  state_dict = renamed(state_dict, {k[len('model.'):] if k.startswith('model.') else k: k for k in state_dict})
   m = Mapper(state_dict, expected_shapes(model.init_params))
   p = ('params',)
   embedding = 'shared.weight' if 'shared.weight' in state_dict else 'encoder.embed_tokens.weight'

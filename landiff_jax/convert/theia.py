@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from landiff_jax.convert import ConversionError
-from landiff_jax.convert.common import Mapper, Renamed, expected_shapes, linear, strip_prefix
+from landiff_jax.convert.common import Mapper, expected_shapes, linear, renamed, strip_prefix
+from landiff_jax.convert.io import LazyStateDict
 from landiff_jax.models import theia as theia_model
 
 PREFIXES = ('feature_extractor.model.backbone.model.', 'backbone.model.', 'model.', 'vit.')
@@ -27,7 +28,7 @@ RENAMES_4X = [
 IGNORED = ('pooler.', 'classifier.', 'translator.', 'head.')
 
 
-def normalise_names(state_dict: Mapping[str, np.ndarray]) -> Renamed:
+def normalise_names(state_dict: Mapping[str, np.ndarray]) -> LazyStateDict:
   """Strips the wrapper prefix (the backbone's tensors only) and maps 4.x names onto 5.x names (reading nothing)."""
   for prefix in PREFIXES:
     inside = strip_prefix(state_dict, prefix)
@@ -40,7 +41,7 @@ def normalise_names(state_dict: Mapping[str, np.ndarray]) -> Renamed:
     for pattern, replacement in RENAMES_4X:
       name = re.sub(pattern, replacement, name)
     names[name] = old_name
-  return Renamed(state_dict, names)
+  return renamed(state_dict, names)
 
 
 def convert_theia(state_dict: Mapping[str, np.ndarray], config: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import inspect
 import math
 
@@ -25,6 +26,9 @@ import numpy as np
 
 from landiff_jax.kernels import block_mask
 from landiff_jax.nn.masks import MaskSpec
+
+# the module, not the function `landiff_jax.nn` re-exports under the same name
+attention_lib = importlib.import_module('landiff_jax.nn.attention')
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -64,16 +68,12 @@ class KernelConfig:
     return block_mask.block_lists(self.classes().T, all_partial=self.masked_keys)
 
 
-def check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int, block_k: int) -> None:
+def check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int, block_k: int,
+                 kv_valid: jax.Array | None = None) -> None:
   """Raises ValueError for inputs this kernel cannot run (before any lowering is attempted)."""
-  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f'flash_attention expects q, k, v of rank 4 [B, L, H, D], got {q.shape}, {k.shape}, {v.shape}.')
-  if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-    raise ValueError(f'flash_attention: incompatible q {q.shape}, k {k.shape}, v {v.shape} (need equal batch and '
-                     'head dim, and k and v of one shape).')
-  if q.shape[2] % k.shape[2]:
-    raise ValueError(f'flash_attention: query heads {q.shape[2]} must be a multiple of key/value heads '
-                     f'{k.shape[2]}.')
+  attention_lib.check_shapes(q, k, v, kv_valid)
+  if v.shape != k.shape:
+    raise ValueError(f'flash_attention: k {k.shape} and v {v.shape} must have one shape (equal head dims).')
   if q.shape[3] not in SUPPORTED_HEAD_DIMS:
     raise ValueError(f'flash_attention (pallas backend): head dim {q.shape[3]} is not supported; the Triton '
                      f'lowering needs one of {SUPPORTED_HEAD_DIMS}. Use the xla or cudnn backend for this model.')
@@ -99,12 +99,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec, *,
   """
   default_q, default_k = default_blocks(q.shape[-1])
   block_q, block_k = block_q or default_q, block_k or default_k
-  check_inputs(q, k, v, block_q=block_q, block_k=block_k)
+  check_inputs(q, k, v, block_q=block_q, block_k=block_k, kv_valid=kv_valid)
   if not isinstance(q_offset, (int, np.integer)):
     raise ValueError('flash_attention needs a static (Python int) q_offset; decode steps with a traced offset '
                      'belong to the xla backend.')
-  if kv_valid is not None and kv_valid.shape != k.shape[:2]:
-    raise ValueError(f'flash_attention: kv_valid shape {kv_valid.shape} must be (batch, kv_len) = {k.shape[:2]}.')
   # Queries shorter than a block get a smaller block (still a Triton-legal power of two).
   block_q = min(block_q, max(16, pl.next_power_of_2(q.shape[1])))
   block_k = min(block_k, max(16, pl.next_power_of_2(k.shape[1])))
@@ -383,17 +381,16 @@ def _flash(config: KernelConfig, q, k, v, valid):
 
 
 def _flash_forward(config: KernelConfig, q, k, v, valid):
-  qp, kp, vp, validp = _padded_inputs(config, q, k, v, valid)
-  o, lse = _forward(config, qp, kp, vp, validp)
-  return o[:, :config.q_len], (q, k, v, valid, o, lse)
+  padded = _padded_inputs(config, q, k, v, valid)
+  o, lse = _forward(config, *padded)
+  return o[:, :config.q_len], (*padded, o, lse)
 
 
 def _flash_backward(config: KernelConfig, residuals, do):
-  q, k, v, valid, o, lse = residuals
-  qp, kp, vp, validp = _padded_inputs(config, q, k, v, valid)
+  qp, kp, vp, validp, o, lse = residuals
   dq, dk, dv = _backward(config, qp, kp, vp, validp, o, lse, _pad_to(do, 1, config.q_padded))
   return (dq[:, :config.q_len], dk[:, :config.kv_len], dv[:, :config.kv_len],
-          np.zeros(valid.shape, jax.dtypes.float0))
+          np.zeros((validp.shape[0], config.kv_len), jax.dtypes.float0))
 
 
 _flash.defvjp(_flash_forward, _flash_backward)

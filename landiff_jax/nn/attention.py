@@ -63,7 +63,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec, *, backe
   q_offset: absolute position of query 0 (KV-cache decoding with a causal mask); may be traced.
   scale: defaults to 1/sqrt(D).
   """
-  _check_shapes(q, k, v, kv_valid)
+  check_shapes(q, k, v, kv_valid)
   if backend not in _BACKENDS:
     raise ValueError(f'Unknown attention backend {backend!r}; valid names: {available_backends()}.')
   mask.check_lengths(q.shape[1], k.shape[1], q_offset)
@@ -78,7 +78,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec, *, backe
   return _BACKENDS[backend].fn(q, k, v, mask, kv_valid=kv_valid, q_offset=q_offset, scale=scale)
 
 
-def _check_shapes(q, k, v, kv_valid):
+def check_shapes(q, k, v, kv_valid):
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f'attention expects q, k, v of rank 4 [B, L, H, D], got {q.shape}, {k.shape}, {v.shape}.')
   (b, _, h, d), (bk, lk, hkv, dk) = q.shape, k.shape

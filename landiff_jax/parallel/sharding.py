@@ -79,22 +79,35 @@ def strip_partitioning(params: Any) -> Any:
   return jax.tree.map(value_of, params, is_leaf=_is_box)
 
 
-def param_shardings(params: Any, mesh: Mesh, rules: Rules) -> Any:
+def param_shardings(params: Any, mesh: Mesh, rules: Rules, *, uneven: str = 'error') -> Any:
   """NamedShardings for a boxed (or `jax.eval_shape`-abstract boxed) parameter tree; unboxed structure.
 
-  Leaves without logical metadata are replicated.
+  Leaves without logical metadata are replicated. A mesh axis that does not divide its dimension raises
+  (`uneven='error'`, training: the plan is wrong) or is dropped for that dimension (`uneven='replicate'`,
+  inference: place what can be placed, e.g. a vocabulary of 2,055 rows on 2-way tensor parallelism).
   """
+  if uneven not in ('error', 'replicate'):
+    raise ValueError(f"uneven must be 'error' or 'replicate', got {uneven!r}.")
   logical_specs = nn.get_partition_spec(params)
   shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
   values = strip_partitioning(params)
   is_spec = lambda x: isinstance(x, PartitionSpec)
-  for (path, logical), value, sharding in zip(
-      jax.tree_util.tree_flatten_with_path(logical_specs, is_leaf=is_spec)[0],
-      jax.tree.leaves(values), jax.tree.leaves(shardings)):
-    if hasattr(value, 'shape'):
+
+  def checked(path, logical, value, sharding):
+    if not hasattr(value, 'shape'):
+      return sharding
+    if uneven == 'error':
       _check_divisible(jax.tree_util.keystr(path, simple=True, separator='/'), value.shape, sharding.spec,
                        logical, mesh)
-  return shardings
+      return sharding
+    spec = tuple(sharding.spec) + (None,) * (len(value.shape) - len(sharding.spec))
+    even = [axes if size % _mesh_axes_size(mesh, axes) == 0 else None for size, axes in zip(value.shape, spec)]
+    return NamedSharding(mesh, PartitionSpec(*even))
+
+  flat_specs, _ = jax.tree_util.tree_flatten_with_path(logical_specs, is_leaf=is_spec)
+  flat_shardings, treedef = jax.tree.flatten(shardings)
+  return jax.tree.unflatten(treedef, [checked(path, logical, value, sharding) for (path, logical), value, sharding
+                                      in zip(flat_specs, jax.tree.leaves(values), flat_shardings)])
 
 
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
