@@ -23,5 +23,8 @@ if [ "${1:-}" = "--test" ]; then
 else
   "${PIP[@]}" -c constraints.txt -r requirements.txt
 fi
+# The editable install builds without isolation, so the build backend comes from the venv: Python 3.11's bundled
+# setuptools (65) has no bdist_wheel and fails on a fresh machine.
+"${PIP[@]}" "setuptools>=70.1"
 "${PIP[@]}" --no-deps --no-build-isolation -e .
 echo "setup: ready ($("$VENV/bin/python" -c 'import jax; print("jax", jax.__version__)'))"
