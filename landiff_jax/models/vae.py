@@ -96,11 +96,28 @@ class CausalConv3d(nn.Module):
       front = jnp.repeat(x[:, :1], k - 1, axis=1) if cache is None else cache.astype(self.dtype)
       x = jnp.concatenate([front, x], axis=1)
       new_cache = x[:, -(k - 1):]
-    pad = k // 2
-    y = lax.conv_general_dilated(x, kernel.astype(self.dtype), window_strides=(1, 1, 1),
-                                 padding=((0, 0), (pad, pad), (pad, pad)),
-                                 dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'), precision=self.precision)
+    if jax.default_backend() == 'cpu':
+      y = _conv3d_as_conv2d(x, kernel.astype(self.dtype), self.precision)
+    else:
+      pad = k // 2
+      y = lax.conv_general_dilated(x, kernel.astype(self.dtype), window_strides=(1, 1, 1),
+                                   padding=((0, 0), (pad, pad), (pad, pad)),
+                                   dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'), precision=self.precision)
     return y + bias.astype(self.dtype), new_cache
+
+
+def _conv3d_as_conv2d(x: Array, kernel: Array, precision: Any) -> Array:
+  """The valid-in-time, same-in-space 3D convolution as one 2D convolution over the k time-shifted copies stacked
+  on channels. XLA:CPU has no fast 3D convolution: this is 5× faster there (same sums, reassociated); elsewhere
+  the stacked copies would cost k× the input's memory, so other backends use the 3D convolution."""
+  k, _, _, c, features = kernel.shape
+  b, t, h, w, _ = x.shape
+  frames = t - k + 1
+  stacked = jnp.concatenate([x[:, i:i + frames] for i in range(k)], axis=-1).reshape(b * frames, h, w, k * c)
+  kernel2d = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(k, k, k * c, features)
+  y = lax.conv_general_dilated(stacked, kernel2d, window_strides=(1, 1), padding=((k // 2, k // 2),) * 2,
+                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=precision)
+  return y.reshape(b, frames, h, w, features)
 
 
 class PointwiseConv(nn.Module):
