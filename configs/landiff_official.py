@@ -263,6 +263,9 @@ def train_config():
           workdir='',  # where checkpoints and metrics go; required by `landiff-jax train`
           seed=0,  # parameter initialisation and the per-step rng (folded with the step number)
           num_steps=1000,
+          # stop early (with a checkpoint) at the first logging step after this many seconds of training; 0 = off.
+          # For job time limits: the run resumes from that checkpoint when started again.
+          max_seconds=0.0,
           batch_size=8,  # global batch, split over the mesh's data axes
           learning_rate=1e-4,
           warmup_steps=100,

@@ -301,3 +301,14 @@ def test_pretrained_params_replace_the_initialisation(tmp_path):
   assert np.abs(first['w2'] - w2).max() < 0.1
   with pytest.raises(ValueError, match='has shape'):
     train(PretrainedToyTask(w2[:2], proj), toy_train_config(tmp_path / 'b'), toy_parallel_config())
+
+
+def test_max_seconds_stops_at_a_logging_step_with_a_checkpoint_and_resumes(tmp_path):
+  """`train.max_seconds` (job time limits): the run stops at the first logging step past the limit, saves there,
+  and a second start continues from that step to num_steps."""
+  state, recorder = run_toy(tmp_path, max_seconds=1e-9, log_every=4)
+  assert recorder.steps == [1, 2, 3, 4] and int(state.step) == 4
+  with open(tmp_path / 'metrics.jsonl') as f:
+    assert json.loads(f.readlines()[-1])['stopped_by_max_seconds'] == 1.0
+  state, recorder = run_toy(tmp_path, log_every=4)
+  assert recorder.steps == list(range(5, 21)) and int(state.step) == 20

@@ -9,6 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import optax
 
@@ -35,6 +36,15 @@ def validate_train_config(train_config) -> None:
       raise ValueError(f'train.{field}={train_config[field]} must be at least 1.')
   if not 0 <= train_config.ema_decay < 1:
     raise ValueError(f'train.ema_decay={train_config.ema_decay} must be in [0, 1) (0 turns EMA off).')
+
+
+def _out_of_time(elapsed: float, max_seconds: float) -> bool:
+  """Whether `train.max_seconds` has passed, as process 0 sees it (every process stops at the same step)."""
+  stop = elapsed > max_seconds
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    stop = bool(multihost_utils.broadcast_one_to_all(np.asarray(stop)))
+  return stop
 
 
 def _check_batch_divisible(batch_size: int, mesh: Mesh, rules: parallel.sharding.Rules) -> None:
@@ -213,21 +223,29 @@ def _run(step_fn, state, data, train_config, mesh, rules, manager, hooks, saved_
   writer = MetricsWriter(train_config.workdir, total_steps=num_steps, initial_step=min(first_step, num_steps),
                          progress=train_config.progress, enabled=jax.process_index() == 0)
   window_units, window_start = [], time.perf_counter()
+  started = time.perf_counter()
+  max_seconds = float(train_config.get('max_seconds', 0) or 0)
   try:
     for step in range(first_step + 1, num_steps + 1):
       state, metrics, units = step_fn(state, parallel.shard_batch(next(data), mesh, rules))
       window_units.append(units)
       writer.advance()
-      if step % train_config.log_every == 0 or step == num_steps:
+      last = step == num_steps
+      if step % train_config.log_every == 0 or last:
         host_metrics = scalar_metrics(jax.device_get(metrics))  # waits for this step, so the timing is real
         elapsed = time.perf_counter() - window_start
         throughput = {'steps_per_sec': len(window_units) / elapsed, **_throughput(window_units, elapsed)}
+        if not last and max_seconds and _out_of_time(time.perf_counter() - started, max_seconds):
+          last = True
+          host_metrics['stopped_by_max_seconds'] = 1.0
         writer.write(step, {**host_metrics, **throughput})
         window_units, window_start = [], time.perf_counter()
-      if step % train_config.checkpoint_every == 0 or step == num_steps:
+      if step % train_config.checkpoint_every == 0 or last:
         checkpoint.save(manager, step, state, data.get_state(), saved_config)
       for hook in hooks:
         hook(step, state, metrics)
+      if last:
+        break
   finally:
     writer.close()
   return state
