@@ -227,6 +227,9 @@ def vae_config():
           with_encoder=True,
           # `landiff-jax train vae` only (small VAEs from scratch, e.g. the demo): weight of the posterior's KL term.
           kl_weight=1e-4,
+          # ... and of the squared error beside the L1 term: it weighs large errors (small saturated objects on a
+          # plain background) more than the many small ones of background texture
+          l2_weight=0.0,
       ))
 
 

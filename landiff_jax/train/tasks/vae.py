@@ -29,6 +29,7 @@ class VAETask(StageTask):
     super().__init__(config, examples)
     self.model = vae_model.build_vae(config.vae, dtype=jnp.dtype(config.compute_dtype), with_encoder=True)
     self.kl_weight = float(config.vae.kl_weight)
+    self.l2_weight = float(config.vae.get('l2_weight', 0.0))
     frames = int(config.video.num_frames)
     latents = 1 + (frames - 1) // self.model.temporal_compression
     if vae_model.decoded_frames(latents, self.model.temporal_compression, self.model.decode_chunk_frames) != frames:
@@ -56,4 +57,5 @@ class VAETask(StageTask):
     l1 = jnp.mean(jnp.abs(reconstruction - video))
     kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
     mse = jnp.mean(jnp.square(reconstruction - video))
-    return l1 + self.kl_weight * kl, {'l1': l1, 'kl': kl, 'psnr': 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))}
+    loss = l1 + self.l2_weight * mse + self.kl_weight * kl
+    return loss, {'l1': l1, 'kl': kl, 'psnr': 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))}
