@@ -1,4 +1,5 @@
-"""Training configs, one per stage: `--config=configs/train.py:STAGE` (full size) or `:STAGE,tiny` (toy sizes).
+"""Training configs, one per stage: `--config=configs/train.py:STAGE` (full size), `:STAGE,tiny` (toy sizes) or
+`:STAGE,demo` (the built-in demo, `configs/shapes_demo.py`, with that stage's settings from its `STAGES`).
 
     landiff-jax train tokenizer --config=configs/train.py:tokenizer \
         --config.train.data_dir=data/theia-features --config.train.workdir=runs/tokenizer
@@ -37,21 +38,32 @@ PLANS = {
 }
 
 
+SIZES = {'': 'landiff_official', 'tiny': 'tiny', 'demo': 'shapes_demo'}
+
+
 def _load(name):
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{name}.py')
   spec = importlib.util.spec_from_file_location(f'_landiff_{name}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module
 
 
 def get_config(arg):
   stage, _, size = (arg or '').partition(',')
-  if stage not in FROZEN or size not in ('', 'tiny'):
-    raise ValueError(f'use configs/train.py:STAGE or :STAGE,tiny with STAGE one of {sorted(FROZEN)}; got {arg!r}.')
-  config = _load('tiny' if size else 'landiff_official')
-  config.name = f'train_{stage}{"_tiny" if size else ""}'
+  if stage not in FROZEN or size not in SIZES:
+    raise ValueError(f'use configs/train.py:STAGE, :STAGE,tiny or :STAGE,demo with STAGE one of {sorted(FROZEN)}; '
+                     f'got {arg!r}.')
+  module = _load(SIZES[size])
+  config = module.get_config()
+  config.name = f'train_{stage}{"_" + size if size else ""}'
   config.train.frozen = list(FROZEN[stage])
+  if size == 'demo':
+    settings = module.STAGES[stage]
+    config.train.update(settings['train'])
+    for path, value in settings.get('overrides', {}).items():
+      section, key = path.split('.')
+      config[section][key] = value
   if not size and stage in PLANS:
     config.parallel.mesh.update(PLANS[stage]['mesh'])
     config.remat_policy = PLANS[stage]['remat_policy']

@@ -193,6 +193,44 @@ def cmd_train(args, config) -> int:
   return 0
 
 
+def cmd_export(args, config) -> int:
+  """A training run's latest checkpoint → a model directory (for generate, init_from, the next stage's data)."""
+  from landiff_jax.checkpoints import CheckpointError
+  from landiff_jax.train.export import export
+  try:
+    dst = export(args.stage, args.workdir, args.dst, decoder_only=args.decoder_only, overwrite=args.overwrite)
+  except (ValueError, FileNotFoundError, CheckpointError) as e:
+    print(f'landiff-jax: error: {e}', file=sys.stderr)
+    return 1
+  print(f'wrote {args.stage} parameters of {args.workdir} to {dst}')
+  return 0
+
+
+def cmd_prepare(args, config) -> int:
+  """One data-preparation step of the demo's recipe (launch/train_demo.sh); see landiff_jax/data/prepare.py."""
+  from landiff_jax.checkpoints import CheckpointError
+  from landiff_jax.data import prepare
+  try:
+    if args.step == 'videos':
+      v = config.video
+      result = prepare.write_videos(args.dst, num=args.num, seed=args.seed, frames=args.frames or int(v.num_frames),
+                                    height=int(v.height), width=int(v.width), workers=args.workers,
+                                    overwrite=args.overwrite)
+    elif args.step == 'frozen':
+      result = prepare.write_frozen(args.dst, config, seed=args.seed, overwrite=args.overwrite)
+    elif args.step == 'encode':
+      result = prepare.encode(args.src, args.models, args.dst, config, overwrite=args.overwrite)
+    elif args.step == 'tokens':
+      result = prepare.tokens(args.src, args.models, args.dst, overwrite=args.overwrite)
+    else:
+      result = prepare.assemble(args.models, args.dst, config, overwrite=args.overwrite)
+  except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as e:
+    print(f'landiff-jax: error: {e}', file=sys.stderr)
+    return 1
+  print(f'prepare {args.step}: {json.dumps(result)}')
+  return 0
+
+
 def convert_all(args, config) -> int:
   from landiff_jax.convert import ConversionError
   from landiff_jax.convert.release import convert_release
@@ -413,6 +451,8 @@ COMMANDS = {
     'encode': (cmd_encode, 'a video file to semantic ids (Theia + tokenizer encoder)'),
     'reconstruct': (cmd_reconstruct, 'a video file to ids and back to features, with the reconstruction error'),
     'train': (cmd_train, 'train one stage (vae, tokenizer, lm, backbone, diffusion) with the sharded training loop'),
+    'prepare': (cmd_prepare, 'a data-preparation step of the demo recipe (videos, frozen, encode, tokens, assemble)'),
+    'export': (cmd_export, 'a training run\'s latest checkpoint as a model directory'),
     'eval': (cmd_eval, 'score prompt following with an analytic detector (shapes: the built-in demo)'),
     'plan': (cmd_plan, 'per-device memory and FLOPs of a training step on a mesh, compiled ahead of time'),
     'bench': (cmd_bench, 'time a model at the configured size (peak memory too), next to the PyTorch reference'),
@@ -439,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument('--out', default='ids.npy', help='where to write the ids')
         command.add_argument('--overwrite', action='store_true', help='replace an existing --out')
     if name == 'generate':
-      command.add_argument('--ckpt', required=True, help='pipeline directory (from `landiff-jax convert all`)')
+      command.add_argument('--ckpt', required=True, help='pipeline directory (from `landiff-jax convert all` or '
+                           'launch/train_demo.sh)')
       command.add_argument('--prompt', default='', help='what the video shows')
       command.add_argument('--prompts', default='', help='a text file with one prompt per line (then --out is a folder)')
       command.add_argument('--out', default='video.mp4', help='mp4 to write (or a folder with --prompts)')
@@ -478,6 +519,23 @@ def build_parser() -> argparse.ArgumentParser:
                            'diffusion checkpoint) are read from, as the release loads them')
     if name == 'train':
       command.add_argument('stage', choices=sorted(TRAIN_TASKS), help='which stage to train')
+    if name == 'prepare':
+      command.add_argument('step', choices=['videos', 'frozen', 'encode', 'tokens', 'assemble'],
+                           help='see landiff_jax/data/prepare.py')
+      command.add_argument('--dst', required=True, help='directory to write (replaced only with --overwrite)')
+      command.add_argument('--src', default='', help='encode: the videos; tokens: the output of encode')
+      command.add_argument('--models', default='', help='encode, tokens, assemble: the model directories so far')
+      command.add_argument('--num', type=int, default=1000, help='videos: how many')
+      command.add_argument('--seed', type=int, default=0, help='videos: dataset seed; frozen: initialisation seed')
+      command.add_argument('--frames', type=int, default=0, help='videos: frames per clip (default video.num_frames)')
+      command.add_argument('--workers', type=int, default=0, help='videos: rendering processes (0: one per CPU)')
+      command.add_argument('--overwrite', action='store_true', help='replace an existing --dst')
+    if name == 'export':
+      command.add_argument('stage', choices=sorted(TRAIN_TASKS), help='the stage the run trained')
+      command.add_argument('--workdir', required=True, help='the run\'s train.workdir')
+      command.add_argument('--dst', required=True, help='model directory to write')
+      command.add_argument('--decoder-only', action='store_true', help='vae: leave the encoder out')
+      command.add_argument('--overwrite', action='store_true', help='replace an existing --dst')
     if name == 'plan':
       command.add_argument('--stage', required=True, choices=sorted(TRAIN_TASKS), help='which stage to plan')
       command.add_argument('--mesh', default='data=-1', help='mesh sizes, e.g. data=1,fsdp=8,tensor=1')

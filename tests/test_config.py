@@ -7,7 +7,7 @@ import pytest
 from landiff_jax import cli
 from landiff_jax import config as config_lib
 
-CONFIGS = ['landiff_official', 'tiny']
+CONFIGS = ['landiff_official', 'tiny', 'shapes_demo']
 
 
 def key_paths(config, prefix=''):
@@ -20,11 +20,19 @@ def key_paths(config, prefix=''):
   return paths
 
 
-def test_tiny_has_exactly_the_official_structure():
+@pytest.mark.parametrize('name', ['tiny', 'shapes_demo'])
+def test_small_configs_have_exactly_the_official_structure(name):
   official = config_lib.load_config('landiff_official')
-  tiny = config_lib.load_config('tiny')
-  assert key_paths(official) == key_paths(tiny)
-  assert tiny.lm.hidden_size < official.lm.hidden_size
+  small = config_lib.load_config(name)
+  assert key_paths(official) == key_paths(small)
+  assert small.lm.hidden_size < official.lm.hidden_size
+
+
+def test_demo_stages_apply_their_settings():
+  vae = config_lib.load_config('configs/train.py:vae,demo')
+  assert vae.video.num_frames == 9 and vae.train.batch_size == 2 and vae.vae.channels == 8
+  lm = config_lib.load_config('configs/train.py:lm,demo')
+  assert lm.video.num_frames == 49 and lm.train.num_steps == 1500 and lm.name == 'train_lm_demo'
 
 
 def test_official_numbers_match_the_reference():
@@ -113,7 +121,7 @@ def test_unknown_key_error_lists_every_valid_key():
 
 
 def test_missing_config_file_lists_bundled_configs():
-  with pytest.raises(config_lib.ConfigError, match='landiff_official.py, tiny.py'):
+  with pytest.raises(config_lib.ConfigError, match='landiff_official.py, shapes_demo.py, tiny.py'):
     config_lib.load_config('configs/does_not_exist.py')
 
 

@@ -1,0 +1,80 @@
+"""The built-in demo: LanDiff's architecture at 64×64, 49 frames (13 latent frames), trained on `data/shapes.py`.
+
+Every part is the official one shrunk (built by overriding `landiff_official.py`, like `tiny.py`): a CogVideoX-style
+VAE (8× space, 4× time, 8 latent channels), a Theia-architecture ViT (random, frozen: the semantic feature
+extractor), the I/P-frame query tokenizer (32 ids per 13-frame group, 64 codes), the LLaMA-like LM with a small
+T5 encoder (random, frozen) over a word-level tokenizer of the captions' words, and the MMDiT renderer with its
+control branch. `launch/train_demo.sh` trains it from nothing; `models/shapes-demo` is the result.
+
+`STAGES` holds each training stage's settings (`configs/train.py:STAGE,demo` applies them).
+"""
+
+import importlib.util
+import os
+
+
+def _official():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'landiff_official.py')
+  spec = importlib.util.spec_from_file_location('_landiff_official', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+# The word-level vocabulary of the captions (data/shapes.py) plus T5's specials: the size of both T5 embeddings.
+TEXT_VOCAB_SIZE = 48
+TEXT_LENGTH = 16  # tokens: the longest two-shape caption has 15 words
+
+# stage → training settings (each applied over `train_config()`) and any other overrides ('a.b': value).
+STAGES = {
+    # the VAE learns on 9-frame clips (it is causal and convolutional; 49-frame videos encode the same way)
+    'vae': dict(train=dict(num_steps=1600, batch_size=2, learning_rate=2e-3, warmup_steps=50),
+                overrides={'video.num_frames': 9}),
+    'tokenizer': dict(train=dict(num_steps=800, batch_size=16, learning_rate=1e-3, warmup_steps=50)),
+    'lm': dict(train=dict(num_steps=1500, batch_size=32, learning_rate=1e-3, warmup_steps=100, weight_decay=0.01)),
+    'backbone': dict(train=dict(num_steps=1500, batch_size=16, learning_rate=1e-3, warmup_steps=100)),
+    'diffusion': dict(train=dict(num_steps=1000, batch_size=16, learning_rate=1e-3, warmup_steps=50)),
+}
+
+
+def get_config():
+  config = _official()
+  config.name = 'shapes_demo'
+  config.compute_dtype = 'float32'
+  config.remat_policy = 'none'
+
+  config.video.update(dict(height=64, width=64, num_frames=49, fps=8))
+
+  config.vae.update(dict(latent_channels=8, channels=8, channel_mult=(1, 2, 2, 4), num_res_blocks=1, num_groups=4,
+                         scaling_factor=1.0, l2_weight=1.0))
+
+  # 64×64 frames, padded to a 64×64 square: a 4×4 grid of 16-pixel patches
+  config.theia.update(dict(hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128, pretrained_grid=4,
+                           output_grid=(4, 4)))
+
+  config.tokenizer.update(dict(feature_dim=64, frames_per_group=13, feature_grid=(4, 4), num_iframe_tokens=8,
+                               num_pframe_tokens=2, width=96, num_layers=2, num_heads=3, token_size=32,
+                               decoder_ffn_dim=192, attention_block_size=16))
+  config.tokenizer.quantizer.update(dict(codebook_size=64, codebook_dim=8))
+
+  config.lm.update(dict(num_layers=3, hidden_size=128, num_heads=4, head_dim=32, mlp_dim=384, max_len=128,
+                        codebook_size=64, vocab_size=71, text_feature_dim=64, text_mlp_dims=(64, 128, 128),
+                        micro_freq_dim=32, micro_hidden=64, text_max_length=TEXT_LENGTH,
+                        # the captions already say how fast things move: no motion-score micro-condition
+                        micro_conditions=('frames',)))
+  config.lm.special_ids.update(dict(eos=64, bos=65, soi=66, eoi=67, sop=68, eop=69, pad=70))
+
+  for t5 in (config.t5_lm, config.t5_dit):
+    t5.update(dict(vocab_size=TEXT_VOCAB_SIZE, d_model=64, num_layers=2, num_heads=4, d_kv=16, d_ff=128,
+                   relative_attention_num_buckets=16, relative_attention_max_distance=32, max_length=TEXT_LENGTH))
+
+  config.dit.update(dict(num_layers=3, hidden_size=96, num_heads=3, head_dim=32, mlp_dim=256, time_embed_dim=64,
+                         time_freq_dim=128, in_channels=8, out_channels=8, text_length=TEXT_LENGTH, text_dim=64,
+                         latent_frames=13, latent_height=8, latent_width=8, spatial_interpolation=1.0))
+  config.control.num_layers = 2
+  config.upsampler.update(dict(in_channels=64, channels=64, num_res_blocks=1, out_channels=32, target_channels=8,
+                               num_groups=8))
+
+  config.diffusion.update(dict(num_steps=20))
+  config.train.update(dict(log_every=100, checkpoint_every=1000, keep_checkpoints=1))
+  return config

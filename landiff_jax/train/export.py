@@ -1,0 +1,75 @@
+"""A training run's latest checkpoint → a model directory (`checkpoints.save`): what `generate`, `encode`,
+`train.init_from` and the next stage's data preparation read.
+
+The stored training config names the sizes; the part's config section goes with the parameters. The EMA copy of
+the parameters is exported when the run kept one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from landiff_jax import checkpoints
+from landiff_jax.train import checkpoint as train_checkpoint
+from landiff_jax.train.optimizer import merge_params
+
+# training stage → (model part, config sections stored with it)
+STAGE_PARTS = {
+    'vae': ('vae', 'vae'),
+    'tokenizer': ('tokenizer', 'tokenizer'),
+    'lm': ('lm', 'lm'),
+    'backbone': ('dit', ('dit', 'control', 'upsampler')),
+    'diffusion': ('dit', ('dit', 'control', 'upsampler')),
+}
+
+
+def latest_state(workdir: str) -> tuple[int, dict[str, Any], dict[str, Any]]:
+  """(step, training state as numpy trees, stored config) of the latest finished checkpoint in `workdir`."""
+  directory = train_checkpoint.checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'{workdir} holds no training checkpoints ({directory} does not exist); train first '
+                            'with `landiff-jax train STAGE --config.train.workdir=...`.')
+  manager = ocp.CheckpointManager(directory, item_names=train_checkpoint.ITEMS)
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'{directory} holds no finished checkpoint; train longer or check the run\'s log.')
+  state_path = os.path.join(directory, str(step), 'state')
+  metadata = ocp.StandardCheckpointer().metadata(state_path).item_metadata.tree
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                         config=ocp.args.JsonRestore()))
+  manager.close()
+  return step, jax.device_get(restored.state), restored.config
+
+
+def export(stage: str, workdir: str, dst: str, *, decoder_only: bool = False, overwrite: bool = False) -> str:
+  """Writes the run's latest parameters (EMA when kept) as a model directory of the stage's part; returns `dst`."""
+  if stage not in STAGE_PARTS:
+    raise ValueError(f'unknown stage {stage!r}; one of {", ".join(sorted(STAGE_PARTS))}.')
+  if decoder_only and stage != 'vae':
+    raise ValueError(f'--decoder-only applies to the vae only, not to {stage}.')
+  step, state, stored = latest_state(workdir)
+  part, sections = STAGE_PARTS[stage]
+  config = ml_collections.ConfigDict(stored)
+  missing = [s for s in np.atleast_1d(sections) if s not in config]
+  if missing:
+    raise ValueError(f'the checkpoints in {workdir} were not written by `landiff-jax train {stage}` (their config '
+                     f'has no {", ".join(missing)} section).')
+  trainable = state['ema_params'] if state.get('ema_params') is not None else state['params']
+  params = merge_params(trainable, state['frozen_params'] or {})
+  if isinstance(sections, tuple):
+    part_config = ml_collections.ConfigDict({name: config[name].to_dict() for name in sections})
+  else:
+    part_config = config[sections]
+  if decoder_only:
+    params = {'params': {'decoder': params['params']['decoder']}}
+    part_config.with_encoder = False
+  return checkpoints.save(dst, part=part, config=part_config, params=params, overwrite=overwrite,
+                          source=f'{os.path.abspath(workdir)} step {step}')
