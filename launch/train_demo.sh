@@ -47,8 +47,7 @@ train() {  # train STAGE DATA [extra overrides...]: trains OUT/runs/STAGE and ex
 stage_done "$OUT/videos" "videos" || { log "videos"; $LJ prepare videos --config=$MODEL --dst "$OUT/videos" --num "$VIDEOS" --seed 0; }
 stage_done "$OUT/vae-clips" "vae clips" || { log "vae clips"; $LJ prepare videos --config=$MODEL --dst "$OUT/vae-clips" \
     --num "$VIDEOS" --seed 1 --frames "$(setting vae video num_frames)"; }
-stage_done "$OUT/models/theia" "frozen parts" || { log "frozen parts"; $LJ prepare frozen --config=$MODEL --dst "$OUT/frozen" --overwrite \
-    && mkdir -p "$OUT/models" && cp -r "$OUT"/frozen/* "$OUT/models/"; }
+stage_done "$OUT/models" "frozen parts" || { log "frozen parts"; $LJ prepare frozen --config=$MODEL --dst "$OUT/models"; }
 
 train vae "$OUT/vae-clips"
 stage_done "$OUT/data" "encode" || { log "encode"; $LJ prepare encode --config=$MODEL --src "$OUT/videos" --models "$OUT/models" --dst "$OUT/data"; }

@@ -28,13 +28,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from landiff_jax import checkpoints
+from landiff_jax import checkpoints, pipeline
 from landiff_jax.data import shapes
 from landiff_jax.parallel.sharding import strip_partitioning
 
 FROZEN_PARTS = ('theia', 't5_lm', 't5_dit')
-PIPELINE_PARTS = ('t5_lm', 't5_dit', 'lm', 'tokenizer', 'dit', 'vae')
-TEXT_TOKENIZERS = ('t5_lm_tokenizer', 't5_dit_tokenizer')
 # T5's special tokens, at T5's ids
 SPECIAL_TOKENS = ('<pad>', '</s>', '<unk>')
 
@@ -126,8 +124,7 @@ def write_frozen(dst: str, config: ml_collections.ConfigDict, *, seed: int = 0, 
       model = checkpoints.build_model(part, config[part])
       params = jax.device_get(strip_partitioning(model.init_params(jax.random.key(seed + i))))
       checkpoints.save(os.path.join(tmp, part), part=part, config=config[part], params=params)
-    for name in TEXT_TOKENIZERS:
-      part = name.removesuffix('_tokenizer')
+    for part, name in pipeline.TEXT_TOKENIZERS.items():
       save_word_tokenizer(os.path.join(tmp, name), int(config[part].vocab_size))
   return dst
 
@@ -169,8 +166,9 @@ def latent_scale(model: Any, params: Any, video: np.ndarray) -> float:
   return float(1.0 / np.std(np.asarray(mean)))
 
 
-def set_vae_scale(models: str, files: list[str], count: int = 32) -> float:
-  """Measures the latent scaling factor on the first `count` videos and stores it in MODELS/vae's config."""
+def set_vae_scale(models: str, files: list[str], count: int = 32) -> tuple[Any, Any]:
+  """Measures the latent scaling factor on the first `count` videos, stores it in MODELS/vae's config and returns
+  the VAE (model, params) that uses it."""
   path = os.path.join(models, 'vae')
   meta = checkpoints.read_meta(path)
   model, params = checkpoints.load(path)
@@ -180,7 +178,7 @@ def set_vae_scale(models: str, files: list[str], count: int = 32) -> float:
   with open(os.path.join(path, checkpoints.CONFIG_FILE) + '.tmp', 'w') as f:
     json.dump(meta, f, indent=2)
   os.replace(os.path.join(path, checkpoints.CONFIG_FILE) + '.tmp', os.path.join(path, checkpoints.CONFIG_FILE))
-  return scale
+  return model.clone(scaling_factor=scale), params
 
 
 def encode(src: str, models: str, dst: str, config: ml_collections.ConfigDict, *, batch: int = 16,
@@ -188,8 +186,7 @@ def encode(src: str, models: str, dst: str, config: ml_collections.ConfigDict, *
   """Videos → dst/{tokenizer, backbone, text}/*.npz (one file per video in each)."""
   from landiff_jax.models import theia, vae
   files = npz_files(src)
-  scale = set_vae_scale(models, files)
-  vae_model, vae_params = checkpoints.load(os.path.join(models, 'vae'))
+  vae_model, vae_params = set_vae_scale(models, files)
   theia_model, theia_params = checkpoints.load(os.path.join(models, 'theia'))
   stride = int(config.vae.temporal_compression)
   dit_text = TextEncoder(models, 't5_dit', int(config.t5_dit.max_length), bool(config.t5_dit.use_attention_mask))
@@ -210,7 +207,7 @@ def encode(src: str, models: str, dst: str, config: ml_collections.ConfigDict, *
         np.savez(os.path.join(tmp, 'backbone', base), latents=latents[i], text=dit_features[i])
         np.savez(os.path.join(tmp, 'text', base), text=lm_features[i], text_length=lengths[i],
                  motion_score=np.float32(0.0), caption=np.asarray(captions[i]))
-  return dict(videos=len(files), latent_scaling_factor=scale, latent_shape=list(latents.shape[1:]),
+  return dict(videos=len(files), latent_scaling_factor=vae_model.scaling_factor, latent_shape=list(latents.shape[1:]),
               feature_shape=list(features.shape[1:]))
 
 
@@ -243,20 +240,18 @@ def tokens(src: str, models: str, dst: str, *, batch: int = 64, overwrite: bool 
 def assemble(models: str, dst: str, config: ml_collections.ConfigDict, *, overwrite: bool = False) -> str:
   """MODELS/{parts, text tokenizers} + the config → a pipeline directory. The VAE goes without its encoder (not
   needed to generate) and with the latent scaling factor that `encode` measured."""
-  from landiff_jax import pipeline
-  missing = [p for p in PIPELINE_PARTS + TEXT_TOKENIZERS if not os.path.isdir(os.path.join(models, p))]
+  from landiff_jax.train.export import vae_decoder_only
+  names = pipeline.PARTS + tuple(pipeline.TEXT_TOKENIZERS.values())
+  missing = [name for name in names if not os.path.isdir(os.path.join(models, name))]
   if missing:
     raise FileNotFoundError(f'{models} lacks {", ".join(missing)}; run the earlier steps of launch/train_demo.sh.')
   config = config.copy_and_resolve_references()
-  vae_config = checkpoints.load_config(os.path.join(models, 'vae'))
-  config.vae.scaling_factor = float(vae_config.scaling_factor)
-  config.vae.with_encoder = False
+  vae_params, config.vae = vae_decoder_only(checkpoints.load_params(os.path.join(models, 'vae')),
+                                            checkpoints.load_config(os.path.join(models, 'vae')))
   with fresh_directory(dst, overwrite) as tmp:
-    for name in PIPELINE_PARTS + TEXT_TOKENIZERS:
+    for name in names:
       if name == 'vae':
-        params = checkpoints.load_params(os.path.join(models, 'vae'))
-        checkpoints.save(os.path.join(tmp, 'vae'), part='vae', config=config.vae,
-                         params={'params': {'decoder': jax.device_get(params['params']['decoder'])}})
+        checkpoints.save(os.path.join(tmp, 'vae'), part='vae', config=config.vae, params=jax.device_get(vae_params))
       else:
         shutil.copytree(os.path.join(models, name), os.path.join(tmp, name))
     pipeline.save_config(tmp, config)

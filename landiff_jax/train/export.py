@@ -12,7 +12,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
 from landiff_jax import checkpoints
@@ -49,6 +48,13 @@ def latest_state(workdir: str) -> tuple[int, dict[str, Any], dict[str, Any]]:
   return step, jax.device_get(restored.state), restored.config
 
 
+def vae_decoder_only(params: Any, vae_config: ml_collections.ConfigDict) -> tuple[Any, ml_collections.ConfigDict]:
+  """A VAE's parameters and config section without the encoder (enough to generate)."""
+  vae_config = vae_config.copy_and_resolve_references()
+  vae_config.with_encoder = False
+  return {'params': {'decoder': params['params']['decoder']}}, vae_config
+
+
 def export(stage: str, workdir: str, dst: str, *, decoder_only: bool = False, overwrite: bool = False) -> str:
   """Writes the run's latest parameters (EMA when kept) as a model directory of the stage's part; returns `dst`."""
   if stage not in STAGE_PARTS:
@@ -58,7 +64,8 @@ def export(stage: str, workdir: str, dst: str, *, decoder_only: bool = False, ov
   step, state, stored = latest_state(workdir)
   part, sections = STAGE_PARTS[stage]
   config = ml_collections.ConfigDict(stored)
-  missing = [s for s in np.atleast_1d(sections) if s not in config]
+  names = sections if isinstance(sections, tuple) else (sections,)
+  missing = [name for name in names if name not in config]
   if missing:
     raise ValueError(f'the checkpoints in {workdir} were not written by `landiff-jax train {stage}` (their config '
                      f'has no {", ".join(missing)} section).')
@@ -69,7 +76,6 @@ def export(stage: str, workdir: str, dst: str, *, decoder_only: bool = False, ov
   else:
     part_config = config[sections]
   if decoder_only:
-    params = {'params': {'decoder': params['params']['decoder']}}
-    part_config.with_encoder = False
+    params, part_config = vae_decoder_only(params, part_config)
   return checkpoints.save(dst, part=part, config=part_config, params=params, overwrite=overwrite,
                           source=f'{os.path.abspath(workdir)} step {step}')

@@ -29,7 +29,7 @@ class VAETask(StageTask):
     super().__init__(config, examples)
     self.model = vae_model.build_vae(config.vae, dtype=jnp.dtype(config.compute_dtype), with_encoder=True)
     self.kl_weight = float(config.vae.kl_weight)
-    self.l2_weight = float(config.vae.get('l2_weight', 0.0))
+    self.l2_weight = float(config.vae.l2_weight)
     frames = int(config.video.num_frames)
     latents = 1 + (frames - 1) // self.model.temporal_compression
     if vae_model.decoded_frames(latents, self.model.temporal_compression, self.model.decode_chunk_frames) != frames:
