@@ -1,6 +1,7 @@
 """VAE stage: a tiny CogVideoX-architecture VAE learns to reconstruct shapes videos."""
 
 import numpy as np
+import pytest
 
 from landiff_jax.cli import main
 from landiff_jax.config import load_config
@@ -43,7 +44,6 @@ def test_vae_reconstruction_improves_with_parameters_sharded(tmp_path):
 
 
 def test_frame_counts_that_do_not_round_trip_are_refused(tmp_path):
-  import pytest
   with pytest.raises(ValueError, match='video.num_frames=5'):
     VAETask(tiny(tmp_path, 'video.num_frames=5'))
 
