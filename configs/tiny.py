@@ -16,6 +16,10 @@ def _official():
   return module.get_config()
 
 
+# training phases beyond one per task (`configs/train.py:STAGE,tiny`): the demo recipe's single-frame VAE phase
+STAGES = {'vae_frames': dict(overrides={'video.num_frames': 1})}
+
+
 def get_config():
   config = _official()
   config.name = 'tiny'

@@ -51,16 +51,22 @@ def _load(name):
 
 def get_config(arg):
   stage, _, size = (arg or '').partition(',')
-  if stage not in FROZEN or size not in SIZES:
+  # a stage may be one phase of a task's training, named TASK_PHASE (the demo's 'vae_frames' trains the 'vae' task)
+  task = stage.partition('_')[0]
+  if task not in FROZEN or size not in SIZES:
     raise ValueError(f'use configs/train.py:STAGE, :STAGE,tiny or :STAGE,demo with STAGE one of {sorted(FROZEN)}; '
                      f'got {arg!r}.')
   module = _load(SIZES[size])
+  stages = getattr(module, 'STAGES', {})
+  if stage != task and stage not in stages:
+    raise ValueError(f'{stage!r} is not a training phase of configs/{SIZES[size]}.py; its STAGES are '
+                     f'{sorted(stages)}.')
   config = module.get_config()
   config.name = f'train_{stage}{"_" + size if size else ""}'
-  config.train.frozen = list(FROZEN[stage])
-  if size == 'demo':
-    settings = module.STAGES[stage]
-    config.train.update(settings['train'])
+  config.train.frozen = list(FROZEN[task])
+  if stage in stages:
+    settings = stages[stage]
+    config.train.update(settings.get('train', {}))
     for path, value in settings.get('overrides', {}).items():
       section, key = path.split('.')
       config[section][key] = value

@@ -33,23 +33,26 @@ print(steps, min(round(train['warmup_steps'] * $STEPS_SCALE), steps - 1))"
 }
 
 train() {  # train STAGE DATA [extra overrides...]: trains OUT/runs/STAGE and exports it to OUT/models/STAGE
-  local stage=$1 data=$2; shift 2
+  local stage=$1 data=$2 task=${1%%_*}; shift 2  # STAGE is a task (vae, lm, ...) or one phase of it (vae_frames)
   stage_done "$OUT/models/$stage" "train $stage" && return
   log "train $stage"
   local steps warmup
   read -r steps warmup < <(scaled_steps "$stage")
-  $LJ train "$stage" --config="configs/train.py:$stage,$SIZE" --config.train.data_dir="$data" \
+  $LJ train "$task" --config="configs/train.py:$stage,$SIZE" --config.train.data_dir="$data" \
       --config.train.workdir="$OUT/runs/$stage" --config.train.num_steps="$steps" --config.train.warmup_steps="$warmup" \
       --config.train.max_seconds="$STAGE_SECONDS" --config.train.progress=False "$@"
-  $LJ export "$stage" --workdir "$OUT/runs/$stage" --dst "$OUT/models/$stage" --overwrite
+  $LJ export "$task" --workdir "$OUT/runs/$stage" --dst "$OUT/models/$stage" --overwrite
 }
 
 stage_done "$OUT/videos" "videos" || { log "videos"; $LJ prepare videos --config=$MODEL --dst "$OUT/videos" --num "$VIDEOS" --seed 0; }
+stage_done "$OUT/vae-frames" "vae frames" || { log "vae frames"; $LJ prepare videos --config=$MODEL --dst "$OUT/vae-frames" \
+    --num "$(( VIDEOS * 2 ))" --seed 2 --frames 1; }
 stage_done "$OUT/vae-clips" "vae clips" || { log "vae clips"; $LJ prepare videos --config=$MODEL --dst "$OUT/vae-clips" \
     --num "$VIDEOS" --seed 1 --frames "$(setting vae video num_frames)"; }
 stage_done "$OUT/models" "frozen parts" || { log "frozen parts"; $LJ prepare frozen --config=$MODEL --dst "$OUT/models"; }
 
-train vae "$OUT/vae-clips"
+train vae_frames "$OUT/vae-frames"
+train vae "$OUT/vae-clips" --config.train.init_from="$OUT/models/vae_frames"
 stage_done "$OUT/data" "encode" || { log "encode"; $LJ prepare encode --config=$MODEL --src "$OUT/videos" --models "$OUT/models" --dst "$OUT/data"; }
 train tokenizer "$OUT/data/tokenizer"
 stage_done "$OUT/data-tokens" "tokens" || { log "tokens"; $LJ prepare tokens --config=$MODEL --src "$OUT/data" --models "$OUT/models" \

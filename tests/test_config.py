@@ -33,6 +33,13 @@ def test_demo_stages_apply_their_settings():
   assert vae.video.num_frames == 9 and vae.train.batch_size == 2 and vae.vae.channels == 8
   lm = config_lib.load_config('configs/train.py:lm,demo')
   assert lm.video.num_frames == 49 and lm.train.num_steps == 1500 and lm.name == 'train_lm_demo'
+  # a phase of a task's training (TASK_PHASE) takes that task's frozen set and the phase's own settings
+  frames = config_lib.load_config('configs/train.py:vae_frames,demo')
+  assert frames.video.num_frames == 1 and frames.train.batch_size == 8 and frames.train.frozen == []
+  assert config_lib.load_config('configs/train.py:vae_frames,tiny').video.num_frames == 1
+  for bad in ('vae_clips,demo', 'vae_frames', 'unet,demo'):
+    with pytest.raises(config_lib.ConfigError, match='STAGES are|STAGE one of'):
+      config_lib.load_config(f'configs/train.py:{bad}')
 
 
 def test_official_numbers_match_the_reference():
