@@ -1,7 +1,8 @@
 """Training with several JAX processes (the multi-controller runtime) on simulated CPU devices.
 
-For the tiny LM and the tiny control branch (diffusion stage), `launch/local_multiprocess.sh` starts 2 processes x
-4 devices of `landiff-jax train` (through tests/multiprocess_worker.py, which records the rows each process reads).
+For the tiny LM (and, with LANDIFF_SLOW_TESTS=1, the tiny control branch of the diffusion stage),
+`launch/local_multiprocess.sh` starts 2 processes x 4 devices of `landiff-jax train` (through
+tests/multiprocess_worker.py, which records the rows each process reads).
 They must train exactly like 1 process x 8 devices on the same mesh, read disjoint rows that together make up
 each global batch, and leave a checkpoint that one process on another mesh resumes, continuing as the
 uninterrupted run did. The learning rate is constant after warm-up (end_learning_rate_ratio=1), so a
@@ -59,7 +60,11 @@ def diffusion_examples(cfg, rng, count):
           for _ in range(count)]
 
 
-EXAMPLES = {'lm': lm_examples, 'diffusion': diffusion_examples}
+# The control-branch stage (a frozen backbone across processes) doubles this module's time, so it runs only with
+# LANDIFF_SLOW_TESTS=1; the multi-process machinery it exercises is the LM stage's.
+EXAMPLES = {'lm': lm_examples}
+if os.environ.get('LANDIFF_SLOW_TESTS') == '1':
+  EXAMPLES['diffusion'] = diffusion_examples
 
 
 def free_port():
