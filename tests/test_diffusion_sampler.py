@@ -230,3 +230,31 @@ def test_renderer_on_a_tiny_dit_matches_the_restated_loop():
 
   want = np_sample(v_fn, x.astype(np.float64), noise.astype(np.float64), 3)
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize('steps', [20, 50])
+def test_exact_denoiser_of_the_training_convention_samples_land_on_the_data(cfg, steps):
+  """Training and sampling agree: with the exact posterior-mean denoiser of a few points, written in the training
+  task's convention (x_t = a·x + √(1−a²)·ε with a from its table at t, v = (a·x_t − x̂0)/√(1−a²)), every sample of
+  the release's sampler ends on one of the points, and different seeds reach different points."""
+  from landiff_jax.train.tasks.diffusion import training_alphas
+  table = jnp.asarray(training_alphas(cfg))
+  points = jax.random.normal(jax.random.key(0), (6, 3 * 4 * 4 * 8)) * jnp.linspace(0.5, 1.5, 6)[:, None]
+
+  def exact_v(x, timesteps):
+    a = table[jnp.round(timesteps).astype(jnp.int32)][:, None]
+    sigma = jnp.sqrt(1.0 - a**2)
+    flat = x.reshape(x.shape[0], -1)
+    distance = jnp.sum((flat[:, None] - a[:, :, None] * points[None])**2, axis=-1)
+    x0 = jax.nn.softmax(-distance / (2.0 * sigma**2), axis=-1) @ points
+    return ((a * flat - x0) / sigma).reshape(x.shape)
+
+  schedule = diffusion.make_schedule(cfg, num_steps=steps)
+  reached = set()
+  for seed in range(8):
+    noise = jax.random.normal(jax.random.key(seed + 1), (1, 3, 4, 4, 8))
+    x = diffusion.sample(exact_v, schedule, noise, key=jax.random.key(100 + seed), use_cfg=False)
+    error = jnp.mean((x.reshape(1, -1) - points)**2, axis=-1) / jnp.var(points)
+    assert float(error.min()) < 1e-3, (seed, np.asarray(error))
+    reached.add(int(error.argmin()))
+  assert len(reached) >= 3, reached
