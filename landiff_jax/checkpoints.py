@@ -39,6 +39,10 @@ MODEL_BUILDERS: dict[str, str] = {
     'vae': 'landiff_jax.models.vae:build_vae',
 }
 
+# part → the config sections stored with its model directory, where that is not just the section of its own name:
+# the renderer's directory holds the backbone, the control branch and the semantic upsampler.
+PART_SECTIONS: dict[str, tuple[str, ...]] = {'dit': ('dit', 'control', 'upsampler')}
+
 
 class CheckpointError(ValueError):
   """A model directory that cannot be written or read; the message names the path and the fix."""
@@ -228,6 +232,23 @@ def build_model(part: str, config: ml_collections.ConfigDict, **model_kwargs) ->
     raise CheckpointError(f'unknown model part {part!r}; known parts: {", ".join(sorted(MODEL_BUILDERS))}.')
   module_name, function_name = MODEL_BUILDERS[part].split(':')
   return getattr(importlib.import_module(module_name), function_name)(config, **model_kwargs)
+
+
+def part_sections(part: str) -> tuple[str, ...]:
+  """The sections of a full config that a model directory of `part` stores."""
+  return PART_SECTIONS.get(part, (part,))
+
+
+def part_config(config: ml_collections.ConfigDict, part: str) -> ml_collections.ConfigDict:
+  """The config a model directory of `part` stores, taken from a full config (a copy, references resolved)."""
+  sections = part_sections(part)
+  missing = [name for name in sections if name not in config]
+  if missing:
+    raise CheckpointError(f'the config has no {", ".join(missing)} section, which a {part} model directory needs; '
+                          f'pass a full LanDiff config (configs/landiff_official.py or one built from it).')
+  if sections == (part,):
+    return config[part].copy_and_resolve_references()
+  return ml_collections.ConfigDict({name: config[name].to_dict() for name in sections})
 
 
 def load(path: str, *, shardings: Any = None, **model_kwargs) -> tuple[Any, Any]:

@@ -69,15 +69,15 @@ def cmd_devices(args, config) -> int:
   return 0
 
 
-# part → ('module:function' converting {name: array} + the part's config section into params, config section).
+# part → 'module:function' converting {name: array} and the part's config (checkpoints.part_config) into params.
 CONVERTERS = {
-    'vae': ('landiff_jax.convert.vae:convert_vae', 'vae'),
-    'dit': ('landiff_jax.convert.dit:convert_dit', ('dit', 'control', 'upsampler')),
-    'tokenizer': ('landiff_jax.convert.tokenizer:convert_tokenizer', 'tokenizer'),
-    'theia': ('landiff_jax.convert.theia:convert_theia', 'theia'),  # HF ViT dir, or the tokenizer file's copy
-    'lm': ('landiff_jax.convert.lm:convert_lm', 'lm'),
-    't5_lm': ('landiff_jax.convert.t5:convert_t5', 't5_lm'),  # Flan-T5-XXL (the LM's text encoder)
-    't5_dit': ('landiff_jax.convert.t5:convert_t5', 't5_dit'),  # T5-v1.1-XXL (the DiT's text encoder)
+    'vae': 'landiff_jax.convert.vae:convert_vae',
+    'dit': 'landiff_jax.convert.dit:convert_dit',
+    'tokenizer': 'landiff_jax.convert.tokenizer:convert_tokenizer',
+    'theia': 'landiff_jax.convert.theia:convert_theia',  # HF ViT dir, or the tokenizer file's copy
+    'lm': 'landiff_jax.convert.lm:convert_lm',
+    't5_lm': 'landiff_jax.convert.t5:convert_t5',  # Flan-T5-XXL (the LM's text encoder)
+    't5_dit': 'landiff_jax.convert.t5:convert_t5',  # T5-v1.1-XXL (the DiT's text encoder)
 }
 
 
@@ -92,7 +92,6 @@ def cmd_convert(args, config) -> int:
   import time
 
   import jax
-  import ml_collections
 
   from landiff_jax import checkpoints
   from landiff_jax.convert import ConversionError, common, io
@@ -107,7 +106,7 @@ def cmd_convert(args, config) -> int:
   if args.decoder_only and args.part != 'vae':
     print(f'landiff-jax: error: --decoder-only applies to the vae only, not to {args.part}.', file=sys.stderr)
     return 2
-  function_path, section = CONVERTERS[args.part]
+  function_path = CONVERTERS[args.part]
   module_name, function_name = function_path.split(':')
   convert_fn = getattr(importlib.import_module(module_name), function_name)
   start = time.perf_counter()
@@ -118,10 +117,7 @@ def cmd_convert(args, config) -> int:
     try:
       state_dict = io.load_state_dict(args.src)
       print(f'read {len(state_dict)} tensors from {args.src}')
-      if isinstance(section, tuple):
-        part_config = ml_collections.ConfigDict({name: config[name].to_dict() for name in section})
-      else:
-        part_config = config[section].copy_and_resolve_references()
+      part_config = checkpoints.part_config(config, args.part)
       options = {}
       if args.base:
         if args.part != 'dit':

@@ -123,6 +123,18 @@ def _params():
   return {'dense': {'kernel': jnp.arange(8.0).reshape(2, 4), 'bias': jnp.ones(4, jnp.bfloat16)}}
 
 
+def test_part_config_is_the_sections_a_model_directory_stores():
+  config = ml_collections.ConfigDict({name: {'width': i} for i, name in enumerate(('vae', 'dit', 'control', 'upsampler'))})
+  renderer = checkpoints.part_config(config, 'dit')
+  assert renderer.to_dict() == {'dit': {'width': 1}, 'control': {'width': 2}, 'upsampler': {'width': 3}}
+  vae = checkpoints.part_config(config, 'vae')
+  vae.width = 9  # a copy: the full config keeps its value
+  assert config.vae.width == 0
+  del config['upsampler']
+  with pytest.raises(checkpoints.CheckpointError, match='no upsampler section, which a dit model directory needs'):
+    checkpoints.part_config(config, 'dit')
+
+
 def test_model_directory_round_trip(tmp_path, toy_part):
   dst = checkpoints.save(str(tmp_path / 'toy'), part='toy', config=toy_part, params=_params(), source='/x.pt')
   assert sorted(os.listdir(tmp_path)) == ['toy']  # no temporary directory left behind

@@ -37,8 +37,7 @@ def backbone_dir(tmp_path_factory):
   task = DiffusionTask(tiny('unused'))
   params = jax.device_get(jax.jit(lambda key: strip_partitioning(task.model.init_params(key)))(jax.random.key(7)))
   path = tmp_path_factory.mktemp('renderer') / 'dit'
-  section = load_config('configs/tiny.py')
-  part_config = type(section)({name: section[name].to_dict() for name in ('dit', 'control', 'upsampler')})
+  part_config = checkpoints.part_config(load_config('configs/tiny.py'), 'dit')
   checkpoints.save(str(path), part='dit', config=part_config, params=params)
   return str(path), params
 
@@ -120,8 +119,7 @@ def test_backbone_trains_alone_then_carries_the_control_stage(tmp_path):
   losses = np.array(losses)
   assert losses[-8:].mean() < 0.6 * losses[:3].mean(), losses
   assert set(state.params['params']) == {'dit'}
-  section = load_config('configs/tiny.py')
-  part_config = type(section)({name: section[name].to_dict() for name in ('dit', 'control', 'upsampler')})
+  part_config = checkpoints.part_config(load_config('configs/tiny.py'), 'dit')
   path = tmp_path / 'dit'
   checkpoints.save(str(path), part='dit', config=part_config, params=jax.device_get(state.params))
   control = tiny(tmp_path / 'control', 'train.num_steps=1', 'train.warmup_steps=0', f'train.init_from={path}')

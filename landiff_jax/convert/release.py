@@ -100,13 +100,12 @@ def copy_tokenizer(src_dir: str, dst_dir: str) -> None:
 def convert_part(part: str, paths: dict[str, str], config: ml_collections.ConfigDict) -> tuple[Any, Any]:
   """(params, part config) of one part."""
   state = io.load_state_dict(paths['src'])
+  part_config = checkpoints.part_config(config, part)
   if part == 'dit':
-    part_config = ml_collections.ConfigDict({k: config[k].to_dict() for k in ('dit', 'control', 'upsampler')})
     return convert_dit(state, part_config, base_state_dict=io.load_state_dict(paths['base'])), part_config
   converters = {'lm': convert_lm, 'tokenizer': convert_tokenizer, 'vae': convert_vae, 't5_dit': convert_t5,
                 't5_lm': convert_t5, 'theia': convert_theia}
-  section = config[part].copy_and_resolve_references()
-  return converters[part](state, section), section
+  return converters[part](state, part_config), part_config
 
 
 def convert_release(src: str, dst: str, config: ml_collections.ConfigDict, *, t5: str | None = None,

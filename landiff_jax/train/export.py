@@ -18,14 +18,8 @@ from landiff_jax import checkpoints
 from landiff_jax.train import checkpoint as train_checkpoint
 from landiff_jax.train.optimizer import merge_params
 
-# training stage → (model part, config sections stored with it)
-STAGE_PARTS = {
-    'vae': ('vae', 'vae'),
-    'tokenizer': ('tokenizer', 'tokenizer'),
-    'lm': ('lm', 'lm'),
-    'backbone': ('dit', ('dit', 'control', 'upsampler')),
-    'diffusion': ('dit', ('dit', 'control', 'upsampler')),
-}
+# training stage → the model part it trains
+STAGE_PARTS = {'vae': 'vae', 'tokenizer': 'tokenizer', 'lm': 'lm', 'backbone': 'dit', 'diffusion': 'dit'}
 
 
 def latest_state(workdir: str) -> tuple[int, dict[str, Any], dict[str, Any]]:
@@ -62,19 +56,15 @@ def export(stage: str, workdir: str, dst: str, *, decoder_only: bool = False, ov
   if decoder_only and stage != 'vae':
     raise ValueError(f'--decoder-only applies to the vae only, not to {stage}.')
   step, state, stored = latest_state(workdir)
-  part, sections = STAGE_PARTS[stage]
+  part = STAGE_PARTS[stage]
   config = ml_collections.ConfigDict(stored)
-  names = sections if isinstance(sections, tuple) else (sections,)
-  missing = [name for name in names if name not in config]
+  missing = [name for name in checkpoints.part_sections(part) if name not in config]
   if missing:
     raise ValueError(f'the checkpoints in {workdir} were not written by `landiff-jax train {stage}` (their config '
                      f'has no {", ".join(missing)} section).')
   trainable = state['ema_params'] if state.get('ema_params') is not None else state['params']
   params = merge_params(trainable, state['frozen_params'] or {})
-  if isinstance(sections, tuple):
-    part_config = ml_collections.ConfigDict({name: config[name].to_dict() for name in sections})
-  else:
-    part_config = config[sections]
+  part_config = checkpoints.part_config(config, part)
   if decoder_only:
     params, part_config = vae_decoder_only(params, part_config)
   return checkpoints.save(dst, part=part, config=part_config, params=params, overwrite=overwrite,
