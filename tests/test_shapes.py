@@ -57,3 +57,20 @@ def test_the_source_feeds_the_input_pipeline():
                                 process_index=0, process_count=1)
   batch = next(batches)
   assert batch['video'].shape == (4, 5, 32, 32, 3) and len(batch['caption']) == 4
+
+
+def test_semantic_maps_say_what_covers_each_cell():
+  """Cells sum to one; the shape classes cover where the detector sees saturated pixels, under the caption's
+  (colour, shape); one frame renders as it does inside its video."""
+  for index in range(6):
+    spec = shapes.sample_spec(0, index)
+    video = shapes.render(spec, 9, 32, 48)
+    for t in (0, 8):
+      np.testing.assert_array_equal(shapes.render_frame(spec, t, 9, 32, 48), video[t])
+      semantics = shapes.semantic_map(spec, t, 9, 32, 48, cell=8)
+      assert semantics.shape == (4, 6, shapes.NUM_SEMANTIC_CLASSES)
+      np.testing.assert_allclose(semantics.sum(-1), 1.0, atol=1e-5)
+      seen = shapes.foreground(video[t]).reshape(4, 8, 6, 8).mean(axis=(1, 3))
+      np.testing.assert_allclose(1 - semantics[..., 0], seen, atol=0.1)
+      classes = {shapes.semantic_class(s.color, s.shape) for s in spec.shapes}
+      assert set(np.flatnonzero(semantics.reshape(-1, semantics.shape[-1]).sum(0) > 0)) == {0} | classes

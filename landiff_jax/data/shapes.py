@@ -137,27 +137,68 @@ def _background(spec: VideoSpec, height: int, width: int) -> np.ndarray:
   return base
 
 
-def render(spec: VideoSpec, num_frames: int = 13, height: int = 64, width: int = 64,
-           supersample: int = 2) -> np.ndarray:
-  """uint8 [T, H, W, 3]; edges anti-aliased by supersampling."""
-  background = _background(spec, height, width)
+def _coverage(spec: VideoSpec, t: int, num_frames: int, height: int, width: int,
+              supersample: int) -> list[tuple[ShapeSpec, np.ndarray]]:
+  """Each shape's coverage [H, W] (0..1, edges anti-aliased by supersampling) at frame t, in painting order."""
   s = supersample
   yy, xx = np.mgrid[0:height * s, 0:width * s].astype(np.float32)
   xx, yy = (xx + 0.5) / s, (yy + 0.5) / s
   short = min(height, width)
-  frames = np.empty((num_frames, height, width, 3), np.uint8)
-  for t in range(num_frames):
-    frame = background.copy()
-    progress = t / max(num_frames - 1, 1)
-    for shape in spec.shapes:
-      dx, dy = _unit(shape.direction)
-      cx = shape.start[0] * width + dx * shape.speed * short * progress
-      cy = shape.start[1] * height + dy * shape.speed * short * progress
-      cover = _mask(shape.shape, xx - cx, yy - cy, shape.size * short).astype(np.float32)
-      cover = cover.reshape(height, s, width, s).mean(axis=(1, 3))[..., None]
-      frame = frame * (1 - cover) + np.asarray(COLORS[shape.color], np.float32) * cover
-    frames[t] = np.clip(frame, 0, 255).round().astype(np.uint8)
-  return frames
+  progress = t / max(num_frames - 1, 1)
+  covers = []
+  for shape in spec.shapes:
+    dx, dy = _unit(shape.direction)
+    cx = shape.start[0] * width + dx * shape.speed * short * progress
+    cy = shape.start[1] * height + dy * shape.speed * short * progress
+    cover = _mask(shape.shape, xx - cx, yy - cy, shape.size * short).astype(np.float32)
+    covers.append((shape, cover.reshape(height, s, width, s).mean(axis=(1, 3))))
+  return covers
+
+
+def render(spec: VideoSpec, num_frames: int = 13, height: int = 64, width: int = 64,
+           supersample: int = 2) -> np.ndarray:
+  """uint8 [T, H, W, 3]; edges anti-aliased by supersampling."""
+  background = _background(spec, height, width)
+  return np.stack([_paint(spec, t, num_frames, background, supersample) for t in range(num_frames)])
+
+
+def render_frame(spec: VideoSpec, t: int, num_frames: int, height: int = 64, width: int = 64,
+                 supersample: int = 2) -> np.ndarray:
+  """uint8 [H, W, 3]: frame t of `render(spec, num_frames, height, width)`, without rendering the others."""
+  return _paint(spec, t, num_frames, _background(spec, height, width), supersample)
+
+
+def _paint(spec: VideoSpec, t: int, num_frames: int, background: np.ndarray, supersample: int) -> np.ndarray:
+  frame = background.copy()
+  height, width = background.shape[:2]
+  for shape, cover in _coverage(spec, t, num_frames, height, width, supersample):
+    frame = frame * (1 - cover[..., None]) + np.asarray(COLORS[shape.color], np.float32) * cover[..., None]
+  return np.clip(frame, 0, 255).round().astype(np.uint8)
+
+
+def semantic_class(color: str, shape: str) -> int:
+  """The class of a (colour, shape) in `semantic_map`; 0 is the background."""
+  return 1 + list(COLORS).index(color) * len(SHAPES) + SHAPES.index(shape)
+
+
+NUM_SEMANTIC_CLASSES = 1 + len(COLORS) * len(SHAPES)
+
+
+def semantic_map(spec: VideoSpec, t: int, num_frames: int, height: int = 64, width: int = 64, cell: int = 8,
+                 supersample: int = 2) -> np.ndarray:
+  """float32 [H/cell, W/cell, NUM_SEMANTIC_CLASSES]: the fraction of each cell of frame t (of `render(spec,
+  num_frames, ...)`) that shows each (colour, shape) class or the background; every cell sums to 1. The ground
+  truth that the demo's semantic feature extractor learns to see (`landiff_jax.train.tasks.theia`)."""
+  if height % cell or width % cell:
+    raise ValueError(f'frame size {height}x{width} is not a multiple of the semantic cell size {cell}.')
+  coverage = np.zeros((height, width, NUM_SEMANTIC_CLASSES), np.float32)
+  visible = np.ones((height, width), np.float32)
+  for shape, cover in reversed(_coverage(spec, t, num_frames, height, width, supersample)):
+    shown = cover * visible  # later shapes are painted over earlier ones
+    coverage[..., semantic_class(shape.color, shape.shape)] += shown
+    visible = visible - shown
+  coverage[..., 0] += visible
+  return coverage.reshape(height // cell, cell, width // cell, cell, -1).mean(axis=(1, 3))
 
 
 class ShapesSource:
