@@ -1,8 +1,9 @@
 """The built-in demo: LanDiff's architecture at 64×64, 49 frames (13 latent frames), trained on `data/shapes.py`.
 
 Every part is the official one shrunk (built by overriding `landiff_official.py`, like `tiny.py`): a CogVideoX-style
-VAE (8× space, 4× time, 8 latent channels), a Theia-architecture ViT (random, frozen: the semantic feature
-extractor), the I/P-frame query tokenizer (32 ids per 13-frame group, 64 codes), the LLaMA-like LM with a small
+VAE (8× space, 4× time, 8 latent channels), a Theia-architecture ViT (the semantic feature extractor: trained to
+see which coloured shape covers each part of a frame, `train/tasks/theia.py`, then frozen), the I/P-frame query
+tokenizer (32 ids per 13-frame group, 64 codes), the LLaMA-like LM with a small
 T5 encoder (random, frozen) over a word-level tokenizer of the captions' words, and the MMDiT renderer with its
 control branch. `launch/train_demo.sh` trains it from nothing; `models/shapes-demo` is the result.
 
@@ -34,6 +35,8 @@ STAGES = {
                        overrides={'video.num_frames': 1}),
     'vae': dict(train=dict(num_steps=1500, batch_size=2, learning_rate=1e-3, warmup_steps=50),
                 overrides={'video.num_frames': 9}),
+    # the semantic ViT learns from single frames and their semantic maps (about a minute)
+    'theia': dict(train=dict(num_steps=1500, batch_size=64, learning_rate=1e-3, warmup_steps=100, weight_decay=0.01)),
     'tokenizer': dict(train=dict(num_steps=800, batch_size=16, learning_rate=1e-3, warmup_steps=50)),
     'lm': dict(train=dict(num_steps=1500, batch_size=32, learning_rate=1e-3, warmup_steps=100, weight_decay=0.01)),
     'backbone': dict(train=dict(num_steps=1500, batch_size=16, learning_rate=1e-3, warmup_steps=100)),

@@ -23,6 +23,8 @@ FROZEN = {
     'vae': [],
     # the renderer's backbone trained whole, without control branch (the demo's, before its 'diffusion' stage)
     'backbone': [],
+    # a small Theia-architecture ViT and its semantic head, trained whole (the demo's feature extractor)
+    'theia': [],
 }
 
 

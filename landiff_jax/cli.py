@@ -164,6 +164,7 @@ TRAIN_TASKS = {
     'diffusion': 'landiff_jax.train.tasks.diffusion:DiffusionTask',
     'tokenizer': 'landiff_jax.train.tasks.tokenizer:TokenizerTask',
     'lm': 'landiff_jax.train.tasks.lm:LMTask',
+    'theia': 'landiff_jax.train.tasks.theia:TheiaTask',
     'vae': 'landiff_jax.train.tasks.vae:VAETask',
 }
 
@@ -212,6 +213,13 @@ def cmd_prepare(args, config) -> int:
       result = prepare.write_videos(args.dst, num=args.num, seed=args.seed, frames=args.frames or int(v.num_frames),
                                     height=int(v.height), width=int(v.width), workers=args.workers,
                                     overwrite=args.overwrite)
+    elif args.step == 'semantics':
+      v = config.video
+      from landiff_jax.train.tasks.theia import CELLS_PER_PATCH
+      result = prepare.write_semantics(args.dst, num=args.num, seed=args.seed, frames=args.frames or int(v.num_frames),
+                                       height=int(v.height), width=int(v.width),
+                                       cell=int(config.theia.patch_size) // CELLS_PER_PATCH, workers=args.workers,
+                                       overwrite=args.overwrite)
     elif args.step == 'frozen':
       result = prepare.write_frozen(args.dst, config, seed=args.seed, overwrite=args.overwrite)
     elif args.step == 'encode':
@@ -447,7 +455,7 @@ COMMANDS = {
     'encode': (cmd_encode, 'a video file to semantic ids (Theia + tokenizer encoder)'),
     'reconstruct': (cmd_reconstruct, 'a video file to ids and back to features, with the reconstruction error'),
     'train': (cmd_train, 'train one stage (vae, tokenizer, lm, backbone, diffusion) with the sharded training loop'),
-    'prepare': (cmd_prepare, 'a data-preparation step of the demo recipe (videos, frozen, encode, tokens, assemble)'),
+    'prepare': (cmd_prepare, 'a data-preparation step of the demo recipe (videos, semantics, frozen, encode, tokens, assemble)'),
     'export': (cmd_export, 'a training run\'s latest checkpoint as a model directory'),
     'eval': (cmd_eval, 'score prompt following with an analytic detector (shapes: the built-in demo)'),
     'plan': (cmd_plan, 'per-device memory and FLOPs of a training step on a mesh, compiled ahead of time'),
@@ -516,15 +524,18 @@ def build_parser() -> argparse.ArgumentParser:
     if name == 'train':
       command.add_argument('stage', choices=sorted(TRAIN_TASKS), help='which stage to train')
     if name == 'prepare':
-      command.add_argument('step', choices=['videos', 'frozen', 'encode', 'tokens', 'assemble'],
+      command.add_argument('step', choices=['videos', 'semantics', 'frozen', 'encode', 'tokens', 'assemble'],
                            help='see landiff_jax/data/prepare.py')
       command.add_argument('--dst', required=True, help='directory to write (replaced only with --overwrite)')
       command.add_argument('--src', default='', help='encode: the videos; tokens: the output of encode')
       command.add_argument('--models', default='', help='encode, tokens, assemble: the model directories so far')
-      command.add_argument('--num', type=int, default=1000, help='videos: how many')
-      command.add_argument('--seed', type=int, default=0, help='videos: dataset seed; frozen: initialisation seed')
-      command.add_argument('--frames', type=int, default=0, help='videos: frames per clip (default video.num_frames)')
-      command.add_argument('--workers', type=int, default=0, help='videos: rendering processes (0: one per CPU)')
+      command.add_argument('--num', type=int, default=1000, help='videos, semantics: how many')
+      command.add_argument('--seed', type=int, default=0,
+                           help='videos, semantics: dataset seed; frozen: initialisation seed')
+      command.add_argument('--frames', type=int, default=0,
+                           help='videos, semantics: frames per clip (default video.num_frames)')
+      command.add_argument('--workers', type=int, default=0,
+                           help='videos, semantics: rendering processes (0: one per CPU)')
       command.add_argument('--overwrite', action='store_true', help='replace an existing --dst')
     if name == 'export':
       command.add_argument('stage', choices=sorted(TRAIN_TASKS), help='the stage the run trained')

@@ -49,7 +49,11 @@ stage_done "$OUT/vae-frames" "vae frames" || { log "vae frames"; $LJ prepare vid
     --num "$(( VIDEOS * 2 ))" --seed 2 --frames 1; }
 stage_done "$OUT/vae-clips" "vae clips" || { log "vae clips"; $LJ prepare videos --config=$MODEL --dst "$OUT/vae-clips" \
     --num "$VIDEOS" --seed 1 --frames "$(setting vae video num_frames)"; }
+stage_done "$OUT/semantics" "semantics" || { log "semantics"; $LJ prepare semantics --config=$MODEL --dst "$OUT/semantics" \
+    --num "$(( VIDEOS * 4 ))" --seed 3; }
 stage_done "$OUT/models" "frozen parts" || { log "frozen parts"; $LJ prepare frozen --config=$MODEL --dst "$OUT/models"; }
+
+train theia "$OUT/semantics"
 
 train vae_frames "$OUT/vae-frames"
 train vae "$OUT/vae-clips" --config.train.init_from="$OUT/models/vae_frames"

@@ -10,7 +10,7 @@ import numpy as np
 from landiff_jax.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ('vae_frames', 'vae', 'tokenizer', 'lm', 'backbone', 'diffusion')
+STAGES = ('theia', 'vae_frames', 'vae', 'tokenizer', 'lm', 'backbone', 'diffusion')
 
 
 def losses(run: str) -> np.ndarray:

@@ -1,9 +1,10 @@
 """Data preparation between the demo's training stages (`landiff-jax prepare STEP`, see `launch/train_demo.sh`).
 
     videos    procedural shapes clips → DIR/*.npz {video uint8 [F, H, W, 3], caption}
-    frozen    the parts that are not trained: a random Theia-architecture ViT (the semantic feature extractor),
-              two random T5 encoders and the word-level text tokenizer they read → MODELS/{theia, t5_lm, t5_dit,
-              t5_lm_tokenizer, t5_dit_tokenizer}
+    semantics single frames and what covers each of their cells → DIR/*.npz {frame uint8 [H, W, 3], semantics
+              float32 [H/c, W/c, classes]}: the examples of the semantic ViT stage (`train theia`)
+    frozen    the parts that are not trained: two random T5 encoders and the word-level text tokenizer they read
+              → MODELS/{t5_lm, t5_dit, t5_lm_tokenizer, t5_dit_tokenizer}
     encode    videos → the tokenizer's examples (Theia features of every 4th frame), the backbone's (scaled VAE
               latents, DiT text features) and the LM's text features; sets the VAE's latent scaling factor first
     tokens    tokenizer examples → the LM's examples (semantic ids) and the diffusion stage's (latents, text, and the
@@ -32,7 +33,7 @@ from landiff_jax import checkpoints, pipeline
 from landiff_jax.data import shapes
 from landiff_jax.parallel.sharding import strip_partitioning
 
-FROZEN_PARTS = ('theia', 't5_lm', 't5_dit')
+FROZEN_PARTS = ('t5_lm', 't5_dit')
 # T5's special tokens, at T5's ids
 SPECIAL_TOKENS = ('<pad>', '</s>', '<unk>')
 
@@ -74,17 +75,37 @@ def _write_video(job: tuple[str, int, int, int, int, int, str]) -> None:
 def write_videos(dst: str, *, num: int, seed: int, frames: int, height: int, width: int, split: str = 'train',
                  workers: int = 0, overwrite: bool = False) -> str:
   """`num` shapes clips of (seed, index) as `.npz` files, rendered by `workers` processes (0: one per CPU)."""
+  return _write_examples(_write_video, dst, num, workers, overwrite, seed, frames, height, width, split)
+
+
+def _write_semantics(job: tuple[str, int, int, int, int, int, int]) -> None:
+  path, seed, index, frames, height, width, cell = job
+  spec = shapes.sample_spec(seed, index, 'train')
+  t = int(np.random.default_rng([seed, index, 1]).integers(frames))
+  np.savez(path, frame=shapes.render_frame(spec, t, frames, height, width),
+           semantics=shapes.semantic_map(spec, t, frames, height, width, cell))
+
+
+def write_semantics(dst: str, *, num: int, seed: int, frames: int, height: int, width: int, cell: int,
+                    workers: int = 0, overwrite: bool = False) -> str:
+  """`num` frames, one at a random time of each clip (seed, index) of `frames` frames, with their semantic maps
+  (`shapes.semantic_map` with `cell`-pixel cells)."""
+  return _write_examples(_write_semantics, dst, num, workers, overwrite, seed, frames, height, width, cell)
+
+
+def _write_examples(write: Any, dst: str, num: int, workers: int, overwrite: bool, seed: int, *rest: Any) -> str:
+  """`write((path, seed, index, *rest))` for index < num into a fresh `dst`, by `workers` processes (0: per CPU)."""
   if num < 1:
     raise ValueError(f'--num must be at least 1, got {num}.')
   workers = workers or os.cpu_count() or 1
   with fresh_directory(dst, overwrite) as tmp:
-    jobs = [(os.path.join(tmp, f'{i:06d}.npz'), seed, i, frames, height, width, split) for i in range(num)]
+    jobs = [(os.path.join(tmp, f'{i:06d}.npz'), seed, i, *rest) for i in range(num)]
     if workers == 1:
       for job in jobs:
-        _write_video(job)
+        write(job)
     else:
       with multiprocessing.get_context('spawn').Pool(workers) as pool:
-        pool.map(_write_video, jobs, chunksize=16)
+        pool.map(write, jobs, chunksize=16)
   return dst
 
 
@@ -117,8 +138,8 @@ def save_word_tokenizer(dst: str, vocab_size: int) -> None:
 
 
 def write_frozen(dst: str, config: ml_collections.ConfigDict, *, seed: int = 0, overwrite: bool = False) -> str:
-  """Randomly initialised Theia and T5 encoders (never trained: fixed random features, like a frozen pretrained
-  encoder) and the text tokenizers, as model directories under `dst`."""
+  """Randomly initialised T5 encoders (never trained: fixed random features, like a frozen pretrained encoder) and
+  the text tokenizers, as model directories under `dst`."""
   with fresh_directory(dst, overwrite) as tmp:
     for i, part in enumerate(FROZEN_PARTS):
       model = checkpoints.build_model(part, config[part])

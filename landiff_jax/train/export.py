@@ -19,7 +19,8 @@ from landiff_jax.train import checkpoint as train_checkpoint
 from landiff_jax.train.optimizer import merge_params
 
 # training stage → the model part it trains
-STAGE_PARTS = {'vae': 'vae', 'tokenizer': 'tokenizer', 'lm': 'lm', 'backbone': 'dit', 'diffusion': 'dit'}
+STAGE_PARTS = {'vae': 'vae', 'tokenizer': 'tokenizer', 'lm': 'lm', 'backbone': 'dit', 'diffusion': 'dit',
+               'theia': 'theia'}
 
 
 def latest_state(workdir: str) -> tuple[int, dict[str, Any], dict[str, Any]]:
@@ -65,6 +66,9 @@ def export(stage: str, workdir: str, dst: str, *, decoder_only: bool = False, ov
   trainable = state['ema_params'] if state.get('ema_params') is not None else state['params']
   params = merge_params(trainable, state['frozen_params'] or {})
   part_config = checkpoints.part_config(config, part)
+  if stage == 'theia':  # the semantic head only served training
+    from landiff_jax.train.tasks.theia import vit_params
+    params = vit_params(params)
   if decoder_only:
     params, part_config = vae_decoder_only(params, part_config)
   return checkpoints.save(dst, part=part, config=part_config, params=params, overwrite=overwrite,
