@@ -93,19 +93,6 @@ def test_missing_data_directory_is_reported(tmp_path):
     DiffusionTask(cfg).dataset()
 
 
-def test_cli_trains_from_a_directory_of_examples(tmp_path, capsys):
-  from landiff_jax.cli import main
-  data = tmp_path / 'data'
-  data.mkdir()
-  for i, example in enumerate(examples(load_config('configs/tiny.py'), count=8)):
-    np.savez(data / f'{i:04d}.npz', **example)
-  code = main(['train', 'diffusion', '--config=configs/train.py:diffusion,tiny', f'--config.train.workdir={tmp_path}/run',
-               f'--config.train.data_dir={data}', '--config.train.num_steps=2', '--config.train.warmup_steps=1'])
-  assert code == 0, capsys.readouterr().err
-  assert 'trained diffusion to step 2' in capsys.readouterr().out
-  assert (tmp_path / 'run' / 'metrics.jsonl').exists()
-
-
 def test_backbone_trains_alone_then_carries_the_control_stage(tmp_path):
   """`train backbone`: the DiT alone learns (no features needed); its parameters, saved as a model directory,
   start the control stage as its frozen backbone."""
