@@ -70,6 +70,9 @@ def get_config():
                         # the captions already say how fast things move: no motion-score micro-condition
                         micro_conditions=('frames',)))
   config.lm.special_ids.update(dict(eos=64, bos=65, soi=66, eoi=67, sop=68, eop=69, pad=70))
+  # The release's guidance of 7.5 ruins this small LM's ids: on held-out prompts a colour probe of their decoded
+  # features is right 0/20 times at 7.5, 2/20 at 4, 7/20 at 2, 14/20 at 1.5 and 12/20 at 1 (no guidance).
+  config.lm.sampling.cfg_scale = 1.5
 
   for t5 in (config.t5_lm, config.t5_dit):
     t5.update(dict(vocab_size=TEXT_VOCAB_SIZE, d_model=64, num_layers=2, num_heads=4, d_kv=16, d_ff=128,
