@@ -454,8 +454,10 @@ COMMANDS = {
     'generate': (cmd_generate, 'generate videos from text prompts'),
     'encode': (cmd_encode, 'a video file to semantic ids (Theia + tokenizer encoder)'),
     'reconstruct': (cmd_reconstruct, 'a video file to ids and back to features, with the reconstruction error'),
-    'train': (cmd_train, 'train one stage (vae, tokenizer, lm, backbone, diffusion) with the sharded training loop'),
-    'prepare': (cmd_prepare, 'a data-preparation step of the demo recipe (videos, semantics, frozen, encode, tokens, assemble)'),
+    'train': (cmd_train, 'train one stage (vae, theia, tokenizer, lm, backbone, diffusion) with the sharded training '
+                         'loop'),
+    'prepare': (cmd_prepare, 'a data-preparation step of the demo recipe (videos, semantics, frozen, encode, tokens, '
+                             'assemble)'),
     'export': (cmd_export, 'a training run\'s latest checkpoint as a model directory'),
     'eval': (cmd_eval, 'score prompt following with an analytic detector (shapes: the built-in demo)'),
     'plan': (cmd_plan, 'per-device memory and FLOPs of a training step on a mesh, compiled ahead of time'),

@@ -3,6 +3,7 @@ assembles generates a video."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -45,6 +46,12 @@ def test_recipe_steps_name_what_is_missing(tmp_path, capsys):
   assert main(['prepare', 'encode', '--config=tiny', '--src', str(tmp_path / 'videos'), '--models',
                str(tmp_path / 'models'), '--dst', str(tmp_path / 'data')]) == 1
   assert 'run the earlier `landiff-jax prepare` step first' in capsys.readouterr().err
+  assert main(['prepare', 'videos', '--config=tiny', '--dst', str(tmp_path / 'videos'), '--num', '1',
+               '--workers', '1']) == 0
+  assert main(['prepare', 'encode', '--config=tiny', '--src', str(tmp_path / 'videos'), '--models',
+               str(tmp_path / 'models'), '--dst', str(tmp_path / 'data')]) == 1
+  assert 'lacks vae, theia, t5_lm, t5_dit' in capsys.readouterr().err
+  shutil.rmtree(tmp_path / 'videos')
   assert main(['prepare', 'assemble', '--config=tiny', '--models', str(tmp_path), '--dst', str(tmp_path / 'p')]) == 1
   assert 'lacks t5_lm, t5_dit, lm, tokenizer, dit, vae' in capsys.readouterr().err
   assert main(['export', 'lm', '--workdir', str(tmp_path / 'run'), '--dst', str(tmp_path / 'lm')]) == 1

@@ -56,6 +56,13 @@ def fresh_directory(dst: str, overwrite: bool) -> Iterator[str]:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def require_models(models: str, names: Any) -> None:
+  """Raises FileNotFoundError naming every model directory of `names` that MODELS lacks."""
+  missing = [name for name in names if not os.path.isdir(os.path.join(models, name))]
+  if missing:
+    raise FileNotFoundError(f'{models} lacks {", ".join(missing)}; run the earlier steps of launch/train_demo.sh.')
+
+
 def npz_files(directory: str) -> list[str]:
   files = sorted(glob.glob(os.path.join(directory, '*.npz')))
   if not files:
@@ -207,6 +214,7 @@ def encode(src: str, models: str, dst: str, config: ml_collections.ConfigDict, *
   """Videos → dst/{tokenizer, backbone, text}/*.npz (one file per video in each)."""
   from landiff_jax.models import theia, vae
   files = npz_files(src)
+  require_models(models, ('vae', 'theia') + FROZEN_PARTS + tuple(pipeline.TEXT_TOKENIZERS.values()))
   vae_model, vae_params = set_vae_scale(models, files)
   theia_model, theia_params = checkpoints.load(os.path.join(models, 'theia'))
   stride = int(config.vae.temporal_compression)
@@ -263,9 +271,7 @@ def assemble(models: str, dst: str, config: ml_collections.ConfigDict, *, overwr
   needed to generate) and with the latent scaling factor that `encode` measured."""
   from landiff_jax.train.export import vae_decoder_only
   names = pipeline.PARTS + tuple(pipeline.TEXT_TOKENIZERS.values())
-  missing = [name for name in names if not os.path.isdir(os.path.join(models, name))]
-  if missing:
-    raise FileNotFoundError(f'{models} lacks {", ".join(missing)}; run the earlier steps of launch/train_demo.sh.')
+  require_models(models, names)
   config = config.copy_and_resolve_references()
   vae_params, config.vae = vae_decoder_only(checkpoints.load_params(os.path.join(models, 'vae')),
                                             checkpoints.load_config(os.path.join(models, 'vae')))
