@@ -9,9 +9,10 @@ from landiff_jax import checkpoints
 from landiff_jax.cli import main
 from landiff_jax.config import load_config
 from landiff_jax.data import prepare
+from landiff_jax.data.shapes import NUM_SEMANTIC_CLASSES
 from landiff_jax.models import theia
 from landiff_jax.train import train
-from landiff_jax.train.tasks.theia import TheiaTask
+from landiff_jax.train.tasks.theia import CELLS_PER_PATCH, TheiaTask
 
 STEPS = 150
 
@@ -25,7 +26,7 @@ def tiny(workdir, *overrides):
 def test_the_vit_learns_to_see_the_shapes_and_exports_without_its_head(tmp_path):
   cfg = tiny(tmp_path / 'run')
   data = prepare.write_semantics(str(tmp_path / 'semantics'), num=64, seed=0, frames=9, height=cfg.video.height,
-                                 width=cfg.video.width, cell=cfg.theia.patch_size // 2, workers=1)
+                                 width=cfg.video.width, cell=cfg.theia.patch_size // CELLS_PER_PATCH, workers=1)
   cfg.train.data_dir = data
   metrics = []
   task = TheiaTask(cfg)
@@ -51,7 +52,7 @@ def test_the_vit_learns_to_see_the_shapes_and_exports_without_its_head(tmp_path)
   _, state, _ = latest_state(str(tmp_path / 'run'))
   logits = task.model.apply(jax.tree.map(np.asarray, state['params']), frame[None])
   head = state['params']['params']['head']
-  c = 2
+  c = CELLS_PER_PATCH
   expected = (np.asarray(features) @ head['kernel'] + head['bias']).reshape(1, *grid, c, c, -1)
   expected = expected.transpose(0, 1, 3, 2, 4, 5).reshape(logits.shape)
   np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
@@ -62,7 +63,7 @@ def test_semantic_maps_of_another_cell_size_are_refused(tmp_path):
   task = TheiaTask(cfg)
   v = cfg.video
   batch = {'frame': np.zeros((2, v.height, v.width, 3), np.uint8),
-           'semantics': np.zeros((2, v.height // 4, v.width // 4, 29), np.float32)}
+           'semantics': np.zeros((2, v.height // 4, v.width // 4, NUM_SEMANTIC_CLASSES), np.float32)}
   params = task.init_params(jax.random.key(0), batch)
   with pytest.raises(ValueError, match='landiff-jax prepare semantics'):
     task.loss_fn(params, batch, jax.random.key(1))
