@@ -234,14 +234,9 @@ def build_model(part: str, config: ml_collections.ConfigDict, **model_kwargs) ->
   return getattr(importlib.import_module(module_name), function_name)(config, **model_kwargs)
 
 
-def part_sections(part: str) -> tuple[str, ...]:
-  """The sections of a full config that a model directory of `part` stores."""
-  return PART_SECTIONS.get(part, (part,))
-
-
 def part_config(config: ml_collections.ConfigDict, part: str) -> ml_collections.ConfigDict:
   """The config a model directory of `part` stores, taken from a full config (a copy, references resolved)."""
-  sections = part_sections(part)
+  sections = PART_SECTIONS.get(part, (part,))
   missing = [name for name in sections if name not in config]
   if missing:
     raise CheckpointError(f'the config has no {", ".join(missing)} section, which a {part} model directory needs; '

@@ -215,11 +215,10 @@ def cmd_prepare(args, config) -> int:
                                     overwrite=args.overwrite)
     elif args.step == 'semantics':
       v = config.video
-      from landiff_jax.train.tasks.theia import CELLS_PER_PATCH
+      from landiff_jax.train.tasks.theia import cell_size
       result = prepare.write_semantics(args.dst, num=args.num, seed=args.seed, frames=args.frames or int(v.num_frames),
-                                       height=int(v.height), width=int(v.width),
-                                       cell=int(config.theia.patch_size) // CELLS_PER_PATCH, workers=args.workers,
-                                       overwrite=args.overwrite)
+                                       height=int(v.height), width=int(v.width), cell=cell_size(config.theia),
+                                       workers=args.workers, overwrite=args.overwrite)
     elif args.step == 'frozen':
       result = prepare.write_frozen(args.dst, config, seed=args.seed, overwrite=args.overwrite)
     elif args.step == 'encode':

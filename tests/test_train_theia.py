@@ -12,7 +12,7 @@ from landiff_jax.data import prepare
 from landiff_jax.data.shapes import NUM_SEMANTIC_CLASSES
 from landiff_jax.models import theia
 from landiff_jax.train import train
-from landiff_jax.train.tasks.theia import CELLS_PER_PATCH, TheiaTask
+from landiff_jax.train.tasks.theia import CELLS_PER_PATCH, TheiaTask, cell_size
 
 STEPS = 150
 
@@ -26,7 +26,7 @@ def tiny(workdir, *overrides):
 def test_the_vit_learns_to_see_the_shapes_and_exports_without_its_head(tmp_path):
   cfg = tiny(tmp_path / 'run')
   data = prepare.write_semantics(str(tmp_path / 'semantics'), num=64, seed=0, frames=9, height=cfg.video.height,
-                                 width=cfg.video.width, cell=cfg.theia.patch_size // CELLS_PER_PATCH, workers=1)
+                                 width=cfg.video.width, cell=cell_size(cfg.theia), workers=1)
   cfg.train.data_dir = data
   metrics = []
   task = TheiaTask(cfg)
@@ -67,3 +67,9 @@ def test_semantic_maps_of_another_cell_size_are_refused(tmp_path):
   params = task.init_params(jax.random.key(0), batch)
   with pytest.raises(ValueError, match='landiff-jax prepare semantics'):
     task.loss_fn(params, batch, jax.random.key(1))
+
+
+def test_a_run_of_another_stage_is_not_exported_as_a_vit():
+  from landiff_jax.train.tasks.theia import vit_params
+  with pytest.raises(ValueError, match='landiff-jax train theia'):
+    vit_params({'params': {'encoder': {}}})

@@ -58,14 +58,12 @@ def export(stage: str, workdir: str, dst: str, *, decoder_only: bool = False, ov
     raise ValueError(f'--decoder-only applies to the vae only, not to {stage}.')
   step, state, stored = latest_state(workdir)
   part = STAGE_PARTS[stage]
-  config = ml_collections.ConfigDict(stored)
-  missing = [name for name in checkpoints.part_sections(part) if name not in config]
-  if missing:
-    raise ValueError(f'the checkpoints in {workdir} were not written by `landiff-jax train {stage}` (their config '
-                     f'has no {", ".join(missing)} section).')
+  try:
+    part_config = checkpoints.part_config(ml_collections.ConfigDict(stored), part)
+  except checkpoints.CheckpointError as e:
+    raise ValueError(f'the checkpoints in {workdir} were not written by `landiff-jax train {stage}`: {e}') from e
   trainable = state['ema_params'] if state.get('ema_params') is not None else state['params']
   params = merge_params(trainable, state['frozen_params'] or {})
-  part_config = checkpoints.part_config(config, part)
   if stage == 'theia':  # the semantic head only served training
     from landiff_jax.train.tasks.theia import vit_params
     params = vit_params(params)

@@ -45,8 +45,19 @@ class SemanticViT(nn.Module):
     return logits.reshape(b, h * c, w * c, self.num_classes).astype(jnp.float32)
 
 
+def cell_size(theia_config: Any) -> int:
+  """The side in pixels of a semantic-map cell for a ViT of this config (`CELLS_PER_PATCH` cells per patch side)."""
+  patch = int(theia_config.patch_size)
+  if patch % CELLS_PER_PATCH:
+    raise ValueError(f'theia.patch_size={patch} does not split into {CELLS_PER_PATCH} cells.')
+  return patch // CELLS_PER_PATCH
+
+
 def vit_params(params: Any) -> Any:
   """The ViT's parameters of a `SemanticViT` tree: what a `theia` model directory holds."""
+  if 'vit' not in params.get('params', {}):
+    raise ValueError('these parameters have no semantic ViT (params/vit); were they trained by '
+                     '`landiff-jax train theia`?')
   return {'params': params['params']['vit']}
 
 
@@ -57,11 +68,9 @@ class TheiaTask(StageTask):
 
   def __init__(self, config: Any, examples: Any = None):
     super().__init__(config, examples)
-    self.settings = TheiaSettings.from_config(config.theia)
-    if self.settings.patch_size % CELLS_PER_PATCH:
-      raise ValueError(f'theia.patch_size={self.settings.patch_size} does not split into {CELLS_PER_PATCH} cells.')
-    self.cell = self.settings.patch_size // CELLS_PER_PATCH
-    self.model = SemanticViT(self.settings, NUM_SEMANTIC_CLASSES, dtype=jnp.dtype(config.compute_dtype))
+    self.cell = cell_size(config.theia)
+    self.model = SemanticViT(TheiaSettings.from_config(config.theia), NUM_SEMANTIC_CLASSES,
+                             dtype=jnp.dtype(config.compute_dtype))
 
   def example_shapes(self, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
     v = self.config.video
