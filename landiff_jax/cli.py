@@ -15,6 +15,9 @@ from landiff_jax import __version__
 from landiff_jax import config as config_lib
 
 DEFAULT_CONFIG = 'configs/landiff_official.py'
+# The built-in demo (configs/shapes_demo.py trained by launch/train_demo.sh): `generate` and `eval` use it when no
+# --ckpt is given. It ships in the git checkout, next to the package.
+DEMO_CKPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'models', 'shapes-demo')
 
 
 def split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -279,11 +282,31 @@ def output_paths(args, count: int) -> list[str]:
   return paths
 
 
-def contact_sheet(frames, path: str, columns: int = 7) -> None:
+def contact_row(frames, columns: int = 7):
+  """`columns` frames taken evenly from a video, side by side: [H, columns·W, 3]."""
+  import numpy as np
+  picks = frames[np.linspace(0, len(frames) - 1, min(columns, len(frames))).round().astype(int)]
+  return np.concatenate(list(picks), axis=1)
+
+
+def save_contact_sheet(rows: list, path: str) -> None:
+  """Rows of frames (`contact_row`, one per video) stacked into one PNG."""
   import numpy as np
   from PIL import Image
-  picks = frames[np.linspace(0, len(frames) - 1, min(columns, len(frames))).round().astype(int)]
-  Image.fromarray(np.concatenate(list(picks), axis=1)).save(path)
+  width = max(row.shape[1] for row in rows)
+  padded = [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0))) for row in rows]
+  Image.fromarray(np.concatenate(padded, axis=0)).save(path)
+
+
+def pipeline_dir(ckpt: str | None) -> str:
+  """--ckpt, or the built-in demo when it is not given."""
+  if ckpt:
+    return ckpt
+  if not os.path.isdir(DEMO_CKPT):
+    raise FileNotFoundError(f'no --ckpt given and the built-in demo {DEMO_CKPT} is missing (it ships in a git '
+                            'checkout of landiff-jax). Pass --ckpt PIPELINE_DIR, or train the demo with '
+                            '`bash launch/train_demo.sh runs/demo` and pass --ckpt runs/demo/pipeline.')
+  return DEMO_CKPT
 
 
 def cmd_generate(args, config) -> int:
@@ -299,12 +322,14 @@ def cmd_generate(args, config) -> int:
     prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
     if not prompts[0] or not prompts[0].strip():
       raise ValueError('give a prompt with --prompt "..." or a file of prompts with --prompts FILE.')
+    ckpt = pipeline_dir(args.ckpt)
     paths = output_paths(args, len(prompts))
     # the pipeline directory's own config, with this command line's --config.* overrides on top
-    pipe_config = config_lib.apply_overrides(pipeline.load_config(args.ckpt), args.overrides)
+    pipe_config = config_lib.apply_overrides(pipeline.load_config(ckpt), args.overrides)
     start = time.perf_counter()
-    pipe = pipeline.load(args.ckpt, config=pipe_config, progress=lambda message: print(f'  {message}', flush=True))
-    print(f'loaded {args.ckpt} in {time.perf_counter() - start:.1f} s')
+    pipe = pipeline.load(ckpt, config=pipe_config, progress=lambda message: print(f'  {message}', flush=True))
+    print(f'loaded {ckpt} in {time.perf_counter() - start:.1f} s')
+    rows = []
     for prompt, path in zip(prompts, paths):
       print(f'{prompt!r} → {path}')
       result = pipe.generate(prompt, seed=args.seed, motion_score=args.motion, lm_cfg=args.lm_cfg,
@@ -314,9 +339,13 @@ def cmd_generate(args, config) -> int:
       if args.save_ids:
         np.save(base + '.ids.npy', result.ids)
       if args.save_frames:
-        contact_sheet(result.video, base + '.frames.png')
+        rows.append(contact_row(result.video))
+        save_contact_sheet(rows[-1:], base + '.frames.png')
       print(f'  wrote {len(result.video)} frames {result.video.shape[1]}x{result.video.shape[2]} at {result.fps} fps '
             f'in {result.seconds["total"]:.1f} s')
+    if len(rows) > 1:  # a folder of videos: also one sheet of them all, a row per prompt
+      save_contact_sheet(rows, os.path.join(args.out, 'frames.png'))
+      print(f'contact sheet of all {len(rows)} videos: {os.path.join(args.out, "frames.png")}')
   except (ValueError, FileNotFoundError, pipeline.PipelineError, config_lib.ConfigError) as e:
     print(f'landiff-jax: error: {e}', file=sys.stderr)
     return 1
@@ -332,8 +361,9 @@ def cmd_eval(args, config) -> int:
     prompts = read_prompts(args.prompts) if args.prompts else shapes_eval.held_out_prompts(args.num_prompts)
     for prompt in prompts:
       shapes_eval.parse_prompt(prompt)  # reject a bad prompt before the models load
-    pipe_config = config_lib.apply_overrides(pipeline.load_config(args.ckpt), args.overrides)
-    pipe = pipeline.load(args.ckpt, config=pipe_config)
+    ckpt = pipeline_dir(args.ckpt)
+    pipe_config = config_lib.apply_overrides(pipeline.load_config(ckpt), args.overrides)
+    pipe = pipeline.load(ckpt, config=pipe_config)
     result = shapes_eval.evaluate(pipe, prompts, seed=args.seed, lm_cfg=args.lm_cfg, dit_steps=args.steps,
                                   random_ids=args.random_ids, progress=lambda message: print(message, flush=True))
   except (ValueError, FileNotFoundError, pipeline.PipelineError, config_lib.ConfigError) as e:
@@ -484,22 +514,25 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument('--out', default='ids.npy', help='where to write the ids')
         command.add_argument('--overwrite', action='store_true', help='replace an existing --out')
     if name == 'generate':
-      command.add_argument('--ckpt', required=True, help='pipeline directory (from `landiff-jax convert all` or '
-                           'launch/train_demo.sh)')
+      command.add_argument('--ckpt', default='', help='pipeline directory (from `landiff-jax convert all` or '
+                           'launch/train_demo.sh; default: the built-in demo, models/shapes-demo)')
       command.add_argument('--prompt', default='', help='what the video shows')
       command.add_argument('--prompts', default='', help='a text file with one prompt per line (then --out is a folder)')
       command.add_argument('--out', default='video.mp4', help='mp4 to write (or a folder with --prompts)')
       command.add_argument('--seed', type=int, default=None, help='default: the official 42')
       command.add_argument('--motion', type=float, default=None, help='motion score in [0, 1] (default 0.1)')
-      command.add_argument('--lm-cfg', type=float, default=None, help='LM guidance scale (default 7.5)')
-      command.add_argument('--steps', type=int, default=None, help='diffusion steps (default 50)')
+      command.add_argument('--lm-cfg', type=float, default=None, help='LM guidance scale (default: the pipeline\'s '
+                           'config; the release: 7.5)')
+      command.add_argument('--steps', type=int, default=None, help='diffusion steps (default: the pipeline\'s config; '
+                           'the release: 50)')
       command.add_argument('--groups', type=int, default=1, help='13-frame semantic groups (more = longer video)')
       command.add_argument('--save-ids', action='store_true', help='also write the semantic ids (.ids.npy)')
-      command.add_argument('--save-frames', action='store_true', help='also write a PNG contact sheet of frames')
+      command.add_argument('--save-frames', action='store_true', help='also write a PNG contact sheet of frames '
+                           '(with --prompts, also OUT/frames.png: all videos, a row each)')
       command.add_argument('--overwrite', action='store_true', help='replace existing outputs')
     if name == 'eval':
       command.add_argument('suite', choices=['shapes'], help='what to evaluate')
-      command.add_argument('--ckpt', required=True, help='pipeline directory')
+      command.add_argument('--ckpt', default='', help='pipeline directory (default: the built-in demo)')
       command.add_argument('--prompts', default='', help='one prompt per line (default: held-out combinations)')
       command.add_argument('--num-prompts', type=int, default=100, help='without --prompts: how many to draw')
       command.add_argument('--seed', type=int, default=0, help='seed of the first video (then +1 per prompt)')

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Trains the built-in demo (configs/shapes_demo.py) from nothing and writes its pipeline directory.
+# Trains the built-in demo (configs/shapes_demo.py) from nothing and writes its pipeline directory (models/shapes-demo
+# is a run of this recipe; README says how it was made).
 #   bash launch/train_demo.sh [OUT]        OUT defaults to runs/demo; the pipeline lands in OUT/pipeline
 # Environment: SIZE=demo (default) or SIZE=tiny for a minutes-long smoke run of the same recipe at toy sizes;
 # VIDEOS (training clips, default 1500) and STEPS_SCALE (multiplies every stage's steps, default 1) to trade
@@ -68,3 +69,4 @@ train diffusion "$OUT/data-tokens/diffusion" --config.train.init_from="$OUT/mode
 log "assemble"
 $LJ prepare assemble --config=$MODEL --models "$OUT/models" --dst "$OUT/pipeline" --overwrite
 log "done: $OUT/pipeline (landiff-jax generate --ckpt $OUT/pipeline --prompt \"a red circle moving right\")"
+echo "   to make it the built-in demo (what generate uses without --ckpt): rm -rf models/shapes-demo && cp -r $OUT/pipeline models/shapes-demo"

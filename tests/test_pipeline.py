@@ -116,6 +116,19 @@ def test_generate_writes_an_mp4_of_the_configured_size(converted, tmp_path):
   assert main(['generate', '--ckpt', converted, '--prompt', PROMPT, '--out', str(out), '--steps', '2']) == 1
 
 
+def test_a_prompt_file_makes_a_folder_of_videos_and_one_contact_sheet(converted, tmp_path):
+  prompts = tmp_path / 'prompts.txt'
+  prompts.write_text(f'{PROMPT}\na second prompt\n')
+  folder = tmp_path / 'videos'
+  assert main(['generate', '--ckpt', converted, '--prompts', str(prompts), '--out', str(folder), '--steps', '2',
+               '--save-frames']) == 0
+  cfg = load_config('configs/tiny.py')
+  assert sorted(p.name for p in folder.iterdir()) == ['000.frames.png', '000.mp4', '001.frames.png', '001.mp4',
+                                                      'frames.png']
+  from PIL import Image
+  assert Image.open(folder / 'frames.png').size == (7 * cfg.video.width, 2 * cfg.video.height)
+
+
 def test_same_seed_same_video_and_the_stages_compose(pipe):
   first = pipe.generate(PROMPT, seed=3, dit_steps=2)
   again = pipe.generate(PROMPT, seed=3, dit_steps=2)
