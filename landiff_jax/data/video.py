@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 
@@ -58,7 +59,9 @@ def write_video(path: str, frames: np.ndarray, fps: int = 8) -> str:
     if extension.lower() == '.gif':
       iio.imwrite(tmp, frames, duration=1000 / fps, loop=0)
     else:
-      iio.imwrite(tmp, frames, fps=fps, codec='libx264', macro_block_size=1)
+      with warnings.catch_warnings():  # imageio starts ffmpeg with fork + exec at once, which JAX's warning is not about
+        warnings.filterwarnings('ignore', message=r'os\.fork\(\) was called', category=RuntimeWarning)
+        iio.imwrite(tmp, frames, fps=fps, codec='libx264', macro_block_size=1)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

@@ -134,6 +134,8 @@ def load_tokenizer(directory: str):
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'T5 tokenizer directory {directory!r} does not exist; point to the folder holding '
                             f'spiece.model / tokenizer.json of the T5 checkpoint.')
+  # only the tokenizer is used: without this, importing transformers without torch warns that models are unavailable
+  os.environ.setdefault('TRANSFORMERS_NO_ADVISORY_WARNINGS', '1')
   from transformers import AutoTokenizer
   return AutoTokenizer.from_pretrained(directory, local_files_only=True)
 
