@@ -185,7 +185,7 @@ def test_bad_inputs(release, converted, tmp_path, capsys):
   assert 'line(s) [2]' in capsys.readouterr().err
   assert main(['generate', '--ckpt', converted, '--prompt', PROMPT, '--out', str(tmp_path / 'no' / 'v.mp4')]) == 1
   assert 'does not exist' in capsys.readouterr().err
-  assert main(['generate', '--ckpt', str(tmp_path), '--prompt', PROMPT]) == 1
+  assert main(['generate', '--ckpt', str(tmp_path), '--prompt', PROMPT, '--out', str(tmp_path / 'v.mp4')]) == 1
   assert 'convert all' in capsys.readouterr().err
   truncated = tmp_path / 'broken.safetensors'
   data = (release / 'LanDiff' / 'llm' / 'model.safetensors').read_bytes()

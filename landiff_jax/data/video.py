@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
 import numpy as np
+
+
+@contextlib.contextmanager
+def _ffmpeg_subprocess():
+  """imageio runs ffmpeg in a subprocess (fork + exec at once), which JAX's os.fork() warning is not about."""
+  with warnings.catch_warnings():
+    warnings.filterwarnings('ignore', message=r'os\.fork\(\) was called', category=RuntimeWarning)
+    yield
 
 
 def read_video(path: str, num_frames: int | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -15,7 +24,8 @@ def read_video(path: str, num_frames: int | None = None, size: tuple[int, int] |
 
   if not os.path.isfile(path):
     raise FileNotFoundError(f'video {path!r} does not exist.')
-  frames = np.asarray(iio.imread(path, index=None))
+  with _ffmpeg_subprocess():
+    frames = np.asarray(iio.imread(path, index=None))
   if frames.ndim == 3:
     frames = frames[None]
   if frames.ndim != 4 or frames.shape[-1] not in (3, 4):
@@ -59,8 +69,7 @@ def write_video(path: str, frames: np.ndarray, fps: int = 8) -> str:
     if extension.lower() == '.gif':
       iio.imwrite(tmp, frames, duration=1000 / fps, loop=0)
     else:
-      with warnings.catch_warnings():  # imageio starts ffmpeg with fork + exec at once, which JAX's warning is not about
-        warnings.filterwarnings('ignore', message=r'os\.fork\(\) was called', category=RuntimeWarning)
+      with _ffmpeg_subprocess():
         iio.imwrite(tmp, frames, fps=fps, codec='libx264', macro_block_size=1)
     os.replace(tmp, path)
   finally:
