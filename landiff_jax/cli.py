@@ -290,12 +290,10 @@ def contact_row(frames, columns: int = 7):
 
 
 def save_contact_sheet(rows: list, path: str) -> None:
-  """Rows of frames (`contact_row`, one per video) stacked into one PNG."""
+  """Rows of frames (`contact_row`, one per video of one pipeline, so equally wide) stacked into one PNG."""
   import numpy as np
   from PIL import Image
-  width = max(row.shape[1] for row in rows)
-  padded = [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0))) for row in rows]
-  Image.fromarray(np.concatenate(padded, axis=0)).save(path)
+  Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
 def pipeline_dir(ckpt: str | None) -> str:
@@ -344,8 +342,9 @@ def cmd_generate(args, config) -> int:
       print(f'  wrote {len(result.video)} frames {result.video.shape[1]}x{result.video.shape[2]} at {result.fps} fps '
             f'in {result.seconds["total"]:.1f} s')
     if len(rows) > 1:  # a folder of videos: also one sheet of them all, a row per prompt
-      save_contact_sheet(rows, os.path.join(args.out, 'frames.png'))
-      print(f'contact sheet of all {len(rows)} videos: {os.path.join(args.out, "frames.png")}')
+      sheet = os.path.join(args.out, 'frames.png')
+      save_contact_sheet(rows, sheet)
+      print(f'contact sheet of all {len(rows)} videos: {sheet}')
   except (ValueError, FileNotFoundError, pipeline.PipelineError, config_lib.ConfigError) as e:
     print(f'landiff-jax: error: {e}', file=sys.stderr)
     return 1

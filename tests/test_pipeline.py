@@ -127,6 +127,9 @@ def test_a_prompt_file_makes_a_folder_of_videos_and_one_contact_sheet(converted,
                                                       'frames.png']
   from PIL import Image
   assert Image.open(folder / 'frames.png').size == (7 * cfg.video.width, 2 * cfg.video.height)
+  # the sheet is the two videos' own sheets, one above the other
+  rows = [np.asarray(Image.open(folder / f'{i:03d}.frames.png')) for i in range(2)]
+  np.testing.assert_array_equal(np.asarray(Image.open(folder / 'frames.png')), np.concatenate(rows, axis=0))
 
 
 def test_same_seed_same_video_and_the_stages_compose(pipe):
