@@ -25,6 +25,7 @@ def _official():
 # The word-level vocabulary of the captions (data/shapes.py) plus T5's specials: the size of both T5 embeddings.
 TEXT_VOCAB_SIZE = 48
 TEXT_LENGTH = 16  # tokens: the longest two-shape caption has 15 words
+CODEBOOK_SIZE = 64  # the tokenizer's codes, which are the LM's first CODEBOOK_SIZE ids; its 7 specials follow
 
 # stage → training settings (each applied over `train_config()`) and any other overrides ('a.b': value).
 STAGES = {
@@ -64,14 +65,16 @@ def get_config():
   config.tokenizer.update(dict(feature_dim=64, frames_per_group=13, feature_grid=(4, 4), num_iframe_tokens=8,
                                num_pframe_tokens=2, width=96, num_layers=2, num_heads=3, token_size=32,
                                decoder_ffn_dim=192, attention_block_size=16))
-  config.tokenizer.quantizer.update(dict(codebook_size=64, codebook_dim=8))
+  config.tokenizer.quantizer.update(dict(codebook_size=CODEBOOK_SIZE, codebook_dim=8))
 
   config.lm.update(dict(num_layers=3, hidden_size=128, num_heads=4, head_dim=32, mlp_dim=384, max_len=128,
-                        codebook_size=64, vocab_size=71, text_feature_dim=64, text_mlp_dims=(64, 128, 128),
+                        codebook_size=CODEBOOK_SIZE, vocab_size=CODEBOOK_SIZE + 7, text_feature_dim=64,
+                        text_mlp_dims=(64, 128, 128),
                         micro_freq_dim=32, micro_hidden=64, text_max_length=TEXT_LENGTH,
                         # the captions already say how fast things move: no motion-score micro-condition
                         micro_conditions=('frames',)))
-  config.lm.special_ids.update(dict(eos=64, bos=65, soi=66, eoi=67, sop=68, eop=69, pad=70))
+  config.lm.special_ids.update({name: CODEBOOK_SIZE + i for i, name in enumerate(
+      ('eos', 'bos', 'soi', 'eoi', 'sop', 'eop', 'pad'))})
   # The release's guidance of 7.5 ruins this small LM's ids: on held-out prompts a colour probe of their decoded
   # features is right 0/20 times at 7.5, 2/20 at 4, 7/20 at 2, 14/20 at 1.5 and 12/20 at 1 (no guidance).
   config.lm.sampling.cfg_scale = 1.5

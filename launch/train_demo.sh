@@ -4,7 +4,9 @@
 #   bash launch/train_demo.sh [OUT]        OUT defaults to runs/demo; the pipeline lands in OUT/pipeline
 # Environment: SIZE=demo (default) or SIZE=tiny for a minutes-long smoke run of the same recipe at toy sizes;
 # VIDEOS (training clips, default 1500) and STEPS_SCALE (multiplies every stage's steps, default 1) to trade
-# quality for time; STAGE_SECONDS caps each stage's training time (train.max_seconds, default 0 = no cap).
+# quality for time; BATCH_SCALE (multiplies every stage's batch size, default 1: an accelerator takes a larger batch
+# in about the same time per step); STAGE_SECONDS caps each stage's training time (train.max_seconds, default 0 = no
+# cap), STAGE_SECONDS_<STAGE> (e.g. STAGE_SECONDS_DIFFUSION) one stage's.
 # Every step skips itself when its output exists, so a rerun continues where one stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +14,7 @@ OUT="${1:-runs/demo}"
 SIZE="${SIZE:-demo}"
 VIDEOS="${VIDEOS:-1500}"
 STEPS_SCALE="${STEPS_SCALE:-1}"
+BATCH_SCALE="${BATCH_SCALE:-1}"
 STAGE_SECONDS="${STAGE_SECONDS:-0}"
 LJ="${LANDIFF_JAX:-landiff-jax}"
 if [ "$SIZE" = demo ]; then MODEL=configs/shapes_demo.py; else MODEL=configs/tiny.py; fi
@@ -25,23 +28,26 @@ setting() {  # setting STAGE SECTION KEY: a value of the stage's training config
   $LJ config --json --config="configs/train.py:$1,$SIZE" | python3 -c "import json,sys; print(json.load(sys.stdin)['$2']['$3'])"
 }
 
-scaled_steps() {  # scaled_steps STAGE: "STEPS WARMUP", the stage's settings times STEPS_SCALE (steps ≥ 2, warmup < steps)
+scaled_steps() {  # scaled_steps STAGE: "STEPS WARMUP BATCH", the stage's settings times STEPS_SCALE (steps ≥ 2,
+                  # warmup < steps) and BATCH_SCALE
   $LJ config --json --config="configs/train.py:$1,$SIZE" | python3 -c "
 import json, sys
 train = json.load(sys.stdin)['train']
 steps = max(2, round(train['num_steps'] * $STEPS_SCALE))
-print(steps, min(round(train['warmup_steps'] * $STEPS_SCALE), steps - 1))"
+warmup = min(round(train['warmup_steps'] * $STEPS_SCALE), steps - 1)
+print(steps, warmup, max(1, round(train['batch_size'] * $BATCH_SCALE)))"
 }
 
 train() {  # train STAGE DATA [extra overrides...]: trains OUT/runs/STAGE and exports it to OUT/models/STAGE
   local stage=$1 data=$2 task=${1%%_*}; shift 2  # STAGE is a task (vae, lm, ...) or one phase of it (vae_frames)
   stage_done "$OUT/models/$stage" "train $stage" && return
   log "train $stage"
-  local steps warmup
-  read -r steps warmup < <(scaled_steps "$stage")
+  local steps warmup batch seconds_var="STAGE_SECONDS_${stage^^}"
+  read -r steps warmup batch < <(scaled_steps "$stage")
   $LJ train "$task" --config="configs/train.py:$stage,$SIZE" --config.train.data_dir="$data" \
       --config.train.workdir="$OUT/runs/$stage" --config.train.num_steps="$steps" --config.train.warmup_steps="$warmup" \
-      --config.train.max_seconds="$STAGE_SECONDS" --config.train.progress=False "$@"
+      --config.train.batch_size="$batch" \
+      --config.train.max_seconds="${!seconds_var:-$STAGE_SECONDS}" --config.train.progress=False "$@"
   $LJ export "$task" --workdir "$OUT/runs/$stage" --dst "$OUT/models/$stage" --overwrite
 }
 

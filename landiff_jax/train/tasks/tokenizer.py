@@ -99,7 +99,8 @@ class TokenizerTask(StageTask):
     return loss, {
         'reconstruction': reconstruction, 'commitment': commitment, 'perplexity': perplexity,
         'codes_used': jnp.sum(usage > 0) / k,
-        'dead_codes': jnp.sum(params[EMA_COLLECTION]['cluster_size'] < self.threshold),
+        # replaced codes restart at exactly the threshold, so `<=` counts the ones the last update re-seeded
+        'dead_codes': jnp.sum(params[EMA_COLLECTION]['cluster_size'] <= self.threshold),
         STATE_UPDATE_KEY: {'projected': jax.lax.stop_gradient(out['projected']), 'ids': out['ids']},
     }
 
