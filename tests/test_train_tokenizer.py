@@ -85,3 +85,16 @@ def test_the_codebook_must_be_frozen(tmp_path):
   cfg = tiny(tmp_path, 'train.frozen=[]')
   with pytest.raises(ValueError, match='train.frozen must include'):
     TokenizerTask(cfg)
+
+
+def test_its_parameters_export_as_a_tokenizer_and_not_as_another_stage(learned, tmp_path):
+  from landiff_jax import checkpoints
+  from landiff_jax.train.export import check_modules
+  from landiff_jax.train.optimizer import merge_params
+  state, _ = learned
+  params = merge_params(state.params, state.frozen_params)
+  cfg = tiny(tmp_path)
+  check_modules('tokenizer', 'tokenizer', checkpoints.part_config(cfg, 'tokenizer'), params, 'run')
+  for stage, part in (('lm', 'lm'), ('vae', 'vae'), ('backbone', 'dit')):
+    with pytest.raises(ValueError, match=f'do not hold {stage} parameters'):
+      check_modules(stage, part, checkpoints.part_config(cfg, part), params, 'run')

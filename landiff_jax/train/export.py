@@ -50,6 +50,19 @@ def vae_decoder_only(params: Any, vae_config: ml_collections.ConfigDict) -> tupl
   return {'params': {'decoder': params['params']['decoder']}}, vae_config
 
 
+def check_modules(stage: str, part: str, part_config: ml_collections.ConfigDict, params: Any, workdir: str) -> None:
+  """Refuses parameters whose top-level modules are not the part's (a run exported under another stage's name,
+  which the stored config alone does not reveal: every training config holds every section)."""
+  kwargs = {'num_control_layers': 0} if stage == 'backbone' else {}
+  model = checkpoints.build_model(part, part_config, **kwargs)
+  expected = set(jax.eval_shape(lambda: model.init_params(jax.random.key(0)))['params'])
+  found = set(params.get('params', {}))
+  if not found or not found <= expected:
+    raise ValueError(f'the checkpoints in {workdir} do not hold {stage} parameters: their modules are '
+                     f'{sorted(found)}, a {part} has {sorted(expected)}. Export with the stage that trained the run '
+                     '(`landiff-jax export STAGE`, STAGE as in its `landiff-jax train STAGE`).')
+
+
 def export(stage: str, workdir: str, dst: str, *, decoder_only: bool = False, overwrite: bool = False) -> str:
   """Writes the run's latest parameters (EMA when kept) as a model directory of the stage's part; returns `dst`."""
   if stage not in STAGE_PARTS:
@@ -69,5 +82,6 @@ def export(stage: str, workdir: str, dst: str, *, decoder_only: bool = False, ov
     params = vit_params(params)
   if decoder_only:
     params, part_config = vae_decoder_only(params, part_config)
+  check_modules(stage, part, part_config, params, workdir)
   return checkpoints.save(dst, part=part, config=part_config, params=params, overwrite=overwrite,
                           source=f'{os.path.abspath(workdir)} step {step}')
