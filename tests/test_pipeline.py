@@ -12,7 +12,7 @@ from landiff_jax.cli import main
 from landiff_jax.config import load_config
 from landiff_jax.convert import ConversionError
 from landiff_jax.convert.release import convert_release
-from landiff_jax.data.video import read_video
+from landiff_jax.data.video import read_fps, read_video
 
 torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
@@ -108,8 +108,7 @@ def test_generate_writes_an_mp4_of_the_configured_size(converted, tmp_path):
   video = read_video(str(out))
   cfg = load_config('configs/tiny.py')
   assert video.shape == (cfg.video.num_frames, cfg.video.height, cfg.video.width, 3)
-  import imageio.v3 as iio
-  assert iio.immeta(str(out))['fps'] == cfg.video.fps
+  assert read_fps(str(out)) == cfg.video.fps
   ids = np.load(tmp_path / 'video.ids.npy')
   assert ids.shape == (pipeline.lm_sampling.Layout.from_config(cfg).tokens_per_group,)
   assert (tmp_path / 'video.frames.png').exists() and not list(tmp_path.glob('*partial*'))

@@ -40,6 +40,16 @@ def read_video(path: str, num_frames: int | None = None, size: tuple[int, int] |
   return frames.astype(np.uint8)
 
 
+def read_fps(path: str) -> float:
+  """The frame rate a video file declares."""
+  import imageio.v3 as iio
+
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'video {path!r} does not exist.')
+  with _ffmpeg_subprocess():
+    return float(iio.immeta(path)['fps'])
+
+
 def resize_cover_crop(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """Bicubic resize so the frame covers (height, width), then a centre crop."""
   from PIL import Image
