@@ -4,8 +4,8 @@
 #   bash launch/train_demo.sh [OUT]        OUT defaults to runs/demo; the pipeline lands in OUT/pipeline
 # Environment: SIZE=demo (default) or SIZE=tiny for a minutes-long smoke run of the same recipe at toy sizes;
 # VIDEOS (training clips, default 1500) and STEPS_SCALE (multiplies every stage's steps, default 1) to trade
-# quality for time; BATCH_SCALE (multiplies every stage's batch size, default 1: an accelerator takes a larger batch
-# in about the same time per step); STAGE_SECONDS caps each stage's training time (train.max_seconds, default 0 = no
+# quality for time; BATCH_SCALE (multiplies every stage's batch size, default 1; for accelerators, which models this
+# small leave mostly idle); STAGE_SECONDS caps each stage's training time (train.max_seconds, default 0 = no
 # cap), STAGE_SECONDS_<STAGE> (e.g. STAGE_SECONDS_DIFFUSION) one stage's.
 # Every step skips itself when its output exists, so a rerun continues where one stopped.
 set -euo pipefail
