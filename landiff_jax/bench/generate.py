@@ -36,7 +36,7 @@ def run(config: Any, options: Any) -> dict:
   rng = np.random.default_rng(0)
   t5_lm, t5_lm_params = pipe.parts['t5_lm']
   t5_dit, t5_dit_params = pipe.parts['t5_dit']
-  prompt_ids = rng.integers(2, config.t5_lm.vocab_size, (1, 24))
+  prompt_ids = rng.integers(2, config.t5_lm.vocab_size, (1, min(24, int(config.t5_lm.max_length))))  # a short prompt
   dit_ids = rng.integers(2, config.t5_dit.vocab_size, (1, int(config.t5_dit.max_length)))
   steps = int(config.diffusion.num_steps)
 
