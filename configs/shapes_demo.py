@@ -1,7 +1,7 @@
 """The built-in demo: LanDiff's architecture at 64×64, 49 frames (13 latent frames), trained on `data/shapes.py`.
 
 Every part is the official one shrunk (built by overriding `landiff_official.py`, like `tiny.py`): a CogVideoX-style
-VAE (8× space, 4× time, 8 latent channels), a Theia-architecture ViT (the semantic feature extractor: trained to
+VAE (8× space, 4× time, 16 latent channels), a Theia-architecture ViT (the semantic feature extractor: trained to
 see which coloured shape covers each part of a frame, `train/tasks/theia.py`, then frozen), the I/P-frame query
 tokenizer (32 ids per 13-frame group, 64 codes), the LLaMA-like LM with a small
 T5 encoder (random, frozen) over a word-level tokenizer of the captions' words, and the MMDiT renderer with its
@@ -25,6 +25,7 @@ def _official():
 # The word-level vocabulary of the captions (data/shapes.py) plus T5's specials: the size of both T5 embeddings.
 TEXT_VOCAB_SIZE = 48
 TEXT_LENGTH = 16  # tokens: the longest two-shape caption has 15 words
+LATENT_CHANNELS = 16  # the VAE's, as the release's (8 lost more of the shapes: 5 of 24 reconstructions against 7)
 CODEBOOK_SIZE = 64  # the tokenizer's codes, which are the LM's first CODEBOOK_SIZE ids; its 7 specials follow
 
 # stage → training settings (each applied over `train_config()`) and any other overrides ('a.b': value).
@@ -40,7 +41,7 @@ STAGES = {
     'theia': dict(train=dict(num_steps=1500, batch_size=64, learning_rate=1e-3, warmup_steps=100, weight_decay=0.01)),
     'tokenizer': dict(train=dict(num_steps=800, batch_size=16, learning_rate=1e-3, warmup_steps=50)),
     'lm': dict(train=dict(num_steps=1500, batch_size=32, learning_rate=1e-3, warmup_steps=100, weight_decay=0.01)),
-    'backbone': dict(train=dict(num_steps=1500, batch_size=16, learning_rate=1e-3, warmup_steps=100)),
+    'backbone': dict(train=dict(num_steps=3000, batch_size=16, learning_rate=1e-3, warmup_steps=100)),
     # the control branch: colour / direction on held-out prompts were 26 / 11 % after 1,000 steps, 40 / 53 % after
     # 3,000, 43 / 71 % after 6,000 and 57 / 86 % after 9,000 (each resumed from the last; the shipped demo)
     'diffusion': dict(train=dict(num_steps=9000, batch_size=16, learning_rate=1e-3, warmup_steps=50)),
@@ -55,8 +56,8 @@ def get_config():
 
   config.video.update(dict(height=64, width=64, num_frames=49, fps=8))
 
-  config.vae.update(dict(latent_channels=8, channels=8, channel_mult=(1, 2, 2, 4), num_res_blocks=1, num_groups=4,
-                         scaling_factor=1.0, l2_weight=1.0))
+  config.vae.update(dict(latent_channels=LATENT_CHANNELS, channels=8, channel_mult=(1, 2, 2, 4), num_res_blocks=1,
+                         num_groups=4, scaling_factor=1.0, l2_weight=1.0))
 
   # 64×64 frames, padded to a 64×64 square: a 4×4 grid of 16-pixel patches
   config.theia.update(dict(hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128, pretrained_grid=4,
@@ -84,11 +85,12 @@ def get_config():
                    relative_attention_num_buckets=16, relative_attention_max_distance=32, max_length=TEXT_LENGTH))
 
   config.dit.update(dict(num_layers=3, hidden_size=96, num_heads=3, head_dim=32, mlp_dim=256, time_embed_dim=64,
-                         time_freq_dim=128, in_channels=8, out_channels=8, text_length=TEXT_LENGTH, text_dim=64,
-                         latent_frames=13, latent_height=8, latent_width=8, spatial_interpolation=1.0))
+                         time_freq_dim=128, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+                         text_length=TEXT_LENGTH, text_dim=64, latent_frames=13, latent_height=8, latent_width=8,
+                         spatial_interpolation=1.0))
   config.control.num_layers = 2
-  config.upsampler.update(dict(in_channels=64, channels=64, num_res_blocks=1, out_channels=32, target_channels=8,
-                               num_groups=8))
+  config.upsampler.update(dict(in_channels=64, channels=64, num_res_blocks=1, out_channels=32,
+                               target_channels=LATENT_CHANNELS, num_groups=8))
 
   config.diffusion.update(dict(num_steps=20))
   config.train.update(dict(log_every=100, checkpoint_every=1000, keep_checkpoints=1))

@@ -20,6 +20,11 @@ COLORS = {
     'purple': (150, 60, 210), 'orange': (245, 140, 30), 'cyan': (40, 205, 215),
 }
 SHAPES = ('circle', 'square', 'triangle', 'star')
+# Radius ranges (fractions of the frame's shorter side). At 64×64 a lone shape is about 16–28 px wide, 2–3.5 cells
+# of an 8× VAE latent; smaller ones (radius 0.10–0.16) came back from the demo's VAE as blobs (the detector read
+# the shape of 5 of 24 reconstructions).
+ONE_SHAPE_RADIUS = (0.15, 0.22)
+TWO_SHAPE_RADIUS = (0.11, 0.15)
 # direction name → unit vector (dx, dy) in image coordinates (y grows downwards)
 DIRECTIONS = {
     'right': (1, 0), 'left': (-1, 0), 'up': (0, -1), 'down': (0, 1),
@@ -81,7 +86,7 @@ def sample_spec(seed: int, index: int, split: str = 'train', two_shapes: float =
     color, shape, direction = allowed[rng.integers(len(allowed))]
     while shapes and color == shapes[0].color:
       color, shape, direction = allowed[rng.integers(len(allowed))]
-    size = float(rng.uniform(0.10, 0.16)) if count == 1 else float(rng.uniform(0.08, 0.12))
+    size = float(rng.uniform(*(ONE_SHAPE_RADIUS if count == 1 else TWO_SHAPE_RADIUS)))
     speed = 0.0 if direction == 'still' else float(rng.uniform(0.30, 0.45))
     dx, dy = _unit(direction)
     # start so that the path is centred in the frame
