@@ -74,3 +74,14 @@ def test_semantic_maps_say_what_covers_each_cell():
       np.testing.assert_allclose(1 - semantics[..., 0], seen, atol=0.1)
       classes = {shapes.semantic_class(s.color, s.shape) for s in spec.shapes}
       assert set(np.flatnonzero(semantics.reshape(-1, semantics.shape[-1]).sum(0) > 0)) == {0} | classes
+
+
+def test_every_shape_stays_inside_the_frame():
+  """Paths are straight, so a shape clear of the border at the first and last frame is clear throughout."""
+  for split in ('train', 'heldout'):
+    for index in range(200):
+      spec = shapes.sample_spec(0, index, split)
+      for t in (0, 48):
+        for shape, cover in shapes._coverage(spec, t, 49, 64, 64, supersample=1):
+          border = np.concatenate([cover[0], cover[-1], cover[:, 0], cover[:, -1]])
+          assert cover.sum() > 0 and border.max() == 0, (split, index, t, shape)
