@@ -5,8 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 import glob
 import os
+import threading
 
 import numpy as np
+
+# numpy parses each .npy header with ast.literal_eval, and CPython 3.11's parser is not thread-safe: grain's reader
+# threads parsing at once raise 'SystemError: AST constructor recursion depth mismatch'. One file read at a time.
+_READ_LOCK = threading.Lock()
 
 
 class NpzDirectory:
@@ -33,7 +38,7 @@ class NpzDirectory:
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     path = self.files[index]
-    with np.load(path, allow_pickle=False) as data:
+    with _READ_LOCK, np.load(path, allow_pickle=False) as data:
       missing = [k for k in self.keys if k not in data.files]
       if missing:
         raise KeyError(f'{path} lacks {missing}; every example needs {list(self.keys)} (it has {data.files}).')
