@@ -364,7 +364,8 @@ def cmd_eval(args, config) -> int:
     pipe_config = config_lib.apply_overrides(pipeline.load_config(ckpt), args.overrides)
     pipe = pipeline.load(ckpt, config=pipe_config)
     result = shapes_eval.evaluate(pipe, prompts, seed=args.seed, lm_cfg=args.lm_cfg, dit_steps=args.steps,
-                                  random_ids=args.random_ids, progress=lambda message: print(message, flush=True))
+                                  random_ids=args.random_ids, dit_caption=not args.no_dit_caption,
+                                  progress=lambda message: print(message, flush=True))
   except (ValueError, FileNotFoundError, pipeline.PipelineError, config_lib.ConfigError) as e:
     print(f'landiff-jax: error: {e}', file=sys.stderr)
     return 1
@@ -538,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
       command.add_argument('--lm-cfg', type=float, default=None, help='LM guidance (1 = off; default: config)')
       command.add_argument('--steps', type=int, default=None, help='diffusion steps (default: config)')
       command.add_argument('--random-ids', action='store_true', help='ablation: random semantic ids, no LM')
+      command.add_argument('--no-dit-caption', action='store_true',
+                           help='ablation: the renderer gets no caption, so what the video shows comes from the '
+                           'semantic ids alone')
       command.add_argument('--out', default='', help='also write every video\'s detection as JSON')
     if name == 'convert':
       command.add_argument('part', choices=sorted(CONVERTERS) + sorted(CONVERTER_ALIASES) + ['all'],

@@ -164,12 +164,14 @@ class Pipeline:
   # --- the whole thing ------------------------------------------------------------------------------------------
 
   def generate(self, prompt: str, *, seed: int | None = None, motion_score: float | None = None,
-               lm_cfg: float | None = None, dit_steps: int | None = None, num_groups: int = 1) -> Generation:
-    """prompt → video; unset options take the config's (the release's) values."""
+               lm_cfg: float | None = None, dit_steps: int | None = None, num_groups: int = 1,
+               dit_caption: bool = True) -> Generation:
+    """prompt → video; unset options take the config's (the release's) values. `dit_caption=False` (an ablation)
+    renders without the caption, so the video's content comes from the semantic tokens alone."""
     with parallel.mesh_context(self.mesh, self.rules):
-      return self._generate(prompt, seed, motion_score, lm_cfg, dit_steps, num_groups)
+      return self._generate(prompt, seed, motion_score, lm_cfg, dit_steps, num_groups, dit_caption)
 
-  def _generate(self, prompt, seed, motion_score, lm_cfg, dit_steps, num_groups) -> Generation:
+  def _generate(self, prompt, seed, motion_score, lm_cfg, dit_steps, num_groups, dit_caption) -> Generation:
     if not prompt or not prompt.strip():
       raise ValueError('the prompt is empty; describe the video to generate.')
     if num_groups < 1:
@@ -191,21 +193,23 @@ class Pipeline:
     ids = timed('semantic tokens (LM)', self.semantic_ids, lm_text, lm_key, num_groups,
                 float(s.motion_score if motion_score is None else motion_score),
                 float(s.cfg_scale if lm_cfg is None else lm_cfg))
-    video = self._render_ids(ids, prompt, render_key, dit_steps, timed)
+    video = self._render_ids(ids, prompt, render_key, dit_steps, timed, dit_caption)
     seconds['total'] = round(sum(seconds.values()), 3)
     return Generation(video=video, ids=ids, fps=int(self.config.video.fps), seconds=seconds)
 
   def render_ids(self, ids: np.ndarray, prompt: str, key: jax.Array, dit_steps: int | None = None,
-                 timed: Callable | None = None) -> np.ndarray:
+                 timed: Callable | None = None, dit_caption: bool = True) -> np.ndarray:
     """Semantic ids (from `generate` or a file) → uint8 frames; the diffusion half of the pipeline alone."""
     with parallel.mesh_context(self.mesh, self.rules):
-      return self._render_ids(ids, prompt, key, dit_steps, timed)
+      return self._render_ids(ids, prompt, key, dit_steps, timed, dit_caption)
 
-  def _render_ids(self, ids, prompt, key, dit_steps, timed) -> np.ndarray:
+  def _render_ids(self, ids, prompt, key, dit_steps, timed, dit_caption=True) -> np.ndarray:
     timed = timed or (lambda name, fn, *args: fn(*args))
     steps = int(self.config.diffusion.num_steps if dit_steps is None else dit_steps)
     condition = timed('semantic features (tokenizer + upsampler)', self.condition, ids)
     text = timed('text (T5)', self.dit_text, prompt)
+    if not dit_caption:  # what a caption dropped in training (`diffusion.text_dropout`) is: zeros
+      text = jnp.zeros_like(text)
     latents = timed(f'latents (DiT, {steps} steps)', self.latents, text, condition, key, steps)
     return timed('frames (VAE)', self.frames, latents)
 

@@ -239,3 +239,18 @@ def test_eval_shapes_scores_generated_and_random_id_videos(pipe):
   random_ids = np.random.default_rng([0, 0]).integers(0, pipe.layout.codebook_size, pipe.layout.tokens_per_group)
   video = pipe.render_ids(random_ids.astype(np.int32), prompts[0], jax.random.key(0), 2)
   assert ablation['videos'][0]['detected'] == shapes.detect(video)
+
+
+def test_rendering_without_the_caption_ignores_the_prompt(pipe):
+  """The `--no-dit-caption` ablation: the renderer sees a dropped caption (zeros), so only the ids decide."""
+  from landiff_jax.data import shapes
+  from landiff_jax.eval import shapes as shapes_eval
+  ids = pipe.generate(PROMPT, seed=0, dit_steps=2).ids
+  key = jax.random.key(3)
+  bare = pipe.render_ids(ids, 'a red circle moving right', key, 2, dit_caption=False)
+  np.testing.assert_array_equal(pipe.render_ids(ids, 'a blue star staying still', key, 2, dit_caption=False), bare)
+  assert not np.array_equal(pipe.render_ids(ids, 'a red circle moving right', key, 2), bare)
+  result = shapes_eval.evaluate(pipe, ['a red circle moving right'], dit_steps=2, dit_caption=False)
+  assert result['settings']['dit_caption'] is False
+  generated = pipe.generate('a red circle moving right', seed=0, dit_steps=2, dit_caption=False)
+  assert result['videos'][0]['detected'] == shapes.detect(generated.video)

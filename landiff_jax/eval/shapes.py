@@ -5,7 +5,8 @@ analytic detector of `data/shapes.py` and scored on colour, shape and direction.
 ground-truth renderings of the same prompts (random size, speed, start and background), so the score comes with
 the detector's own accuracy. Ablations: the LM's CFG off (`lm_cfg=1`), and the semantic tokens replaced by
 uniformly random codes (`random_ids`), which should both score clearly worse when the semantic path carries the
-content.
+content. The renderer reads the caption too (as LanDiff's does), and it can draw what the caption says whatever the
+ids; `dit_caption=False` renders without it, so the score is what the semantic tokens alone carry.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def accuracy(targets: list[dict[str, str]], found: list[dict[str, str]]) -> dict
 
 
 def evaluate(pipe: Any, prompts: list[str], *, seed: int = 0, lm_cfg: float | None = None,
-             dit_steps: int | None = None, random_ids: bool = False,
+             dit_steps: int | None = None, random_ids: bool = False, dit_caption: bool = True,
              progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
   """Generates one video per prompt and scores it; also scores the detector on ground-truth renderings."""
   targets = [parse_prompt(p) for p in prompts]
@@ -73,13 +74,15 @@ def evaluate(pipe: Any, prompts: list[str], *, seed: int = 0, lm_cfg: float | No
   for i, (prompt, target) in enumerate(zip(prompts, targets)):
     if random_ids:
       ids = np.random.default_rng([seed, i]).integers(0, pipe.layout.codebook_size, pipe.layout.tokens_per_group)
-      video = pipe.render_ids(ids.astype(np.int32), prompt, jax.random.key(seed + i), dit_steps)
+      video = pipe.render_ids(ids.astype(np.int32), prompt, jax.random.key(seed + i), dit_steps,
+                              dit_caption=dit_caption)
     else:
-      video = pipe.generate(prompt, seed=seed + i, lm_cfg=lm_cfg, dit_steps=dit_steps).video
+      video = pipe.generate(prompt, seed=seed + i, lm_cfg=lm_cfg, dit_steps=dit_steps, dit_caption=dit_caption).video
     detected = shapes.detect(video)
     found.append(detected)
     rows.append(dict(prompt=prompt, detected=detected))
     progress(f'[{i + 1}/{len(prompts)}] {prompt!r} → {detected}')
   return dict(prompts=len(prompts), accuracy=accuracy(targets, found),
               detector_accuracy_on_ground_truth=accuracy(targets, truth),
-              settings=dict(seed=seed, lm_cfg=lm_cfg, dit_steps=dit_steps, random_ids=random_ids), videos=rows)
+              settings=dict(seed=seed, lm_cfg=lm_cfg, dit_steps=dit_steps, random_ids=random_ids,
+                                                 dit_caption=dit_caption), videos=rows)
