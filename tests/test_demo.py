@@ -82,3 +82,23 @@ def test_without_ckpt_or_shipped_demo_generate_says_how_to_get_one(tmp_path, mon
   err = capsys.readouterr().err
   assert 'no --ckpt given' in err and 'launch/train_demo.sh' in err
   assert not (tmp_path / 'v.mp4').exists()
+
+
+def test_the_shipped_demo_encodes_a_video_whose_ids_carry_its_colour(tmp_path, capsys):
+  """`encode` with the shipped demo (its Theia ViT and tokenizer) turns a ground-truth shapes video into ids; rendered
+  without the caption, so that only the ids can say what to draw, the video has the original's colour."""
+  import jax
+  from landiff_jax import pipeline
+  from landiff_jax.data import shapes
+  from landiff_jax.data.video import write_video
+  from landiff_jax.eval.shapes import ground_truth_video
+  pipe = pipeline.load(DEMO_CKPT)
+  for index, color in enumerate(('red', 'blue')):
+    truth = ground_truth_video({'color': color, 'shape': 'circle', 'direction': 'right'}, index, 49, 64, 64)
+    write_video(str(tmp_path / f'{color}.mp4'), truth)
+    ids_file = tmp_path / f'{color}.npy'
+    assert main(['encode', '--video', str(tmp_path / f'{color}.mp4'), '--ckpt', DEMO_CKPT, '--out', str(ids_file)]) == 0
+    ids = np.load(ids_file)
+    assert ids.shape == (pipe.layout.tokens_per_group,)
+    video = pipe.render_ids(ids, 'a green star staying still', jax.random.key(index), dit_caption=False)
+    assert shapes.detect(video)['color'] == color

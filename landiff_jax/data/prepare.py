@@ -267,10 +267,11 @@ def tokens(src: str, models: str, dst: str, *, batch: int = 64, overwrite: bool 
 
 
 def assemble(models: str, dst: str, config: ml_collections.ConfigDict, *, overwrite: bool = False) -> str:
-  """MODELS/{parts, text tokenizers} + the config → a pipeline directory. The VAE goes without its encoder (not
-  needed to generate) and with the latent scaling factor that `encode` measured."""
+  """MODELS/{parts, text tokenizers, theia} + the config → a pipeline directory. The VAE goes without its encoder (not
+  needed to generate) and with the latent scaling factor that `encode` measured; Theia goes along (not needed to
+  generate either), so that `encode` and `reconstruct` turn videos into the pipeline's semantic ids."""
   from landiff_jax.train.export import vae_decoder_only
-  names = pipeline.PARTS + tuple(pipeline.TEXT_TOKENIZERS.values())
+  names = pipeline.PARTS + tuple(pipeline.TEXT_TOKENIZERS.values()) + ('theia',)
   require_models(models, names)
   config = config.copy_and_resolve_references()
   vae_params, config.vae = vae_decoder_only(checkpoints.load_params(os.path.join(models, 'vae')),
