@@ -84,7 +84,7 @@ def test_without_ckpt_or_shipped_demo_generate_says_how_to_get_one(tmp_path, mon
   assert not (tmp_path / 'v.mp4').exists()
 
 
-def test_the_shipped_demo_encodes_a_video_whose_ids_carry_its_colour(tmp_path, capsys):
+def test_the_shipped_demo_encodes_a_video_whose_ids_carry_its_colour(tmp_path):
   """`encode` with the shipped demo (its Theia ViT and tokenizer) turns a ground-truth shapes video into ids; rendered
   without the caption, so that only the ids can say what to draw, the video has the original's colour."""
   import jax

@@ -85,4 +85,4 @@ def evaluate(pipe: Any, prompts: list[str], *, seed: int = 0, lm_cfg: float | No
   return dict(prompts=len(prompts), accuracy=accuracy(targets, found),
               detector_accuracy_on_ground_truth=accuracy(targets, truth),
               settings=dict(seed=seed, lm_cfg=lm_cfg, dit_steps=dit_steps, random_ids=random_ids,
-                                                 dit_caption=dit_caption), videos=rows)
+                            dit_caption=dit_caption), videos=rows)
