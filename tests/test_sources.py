@@ -1,6 +1,9 @@
 """The .npz example source: what grain's reader threads see."""
 
+import ast
 from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -18,19 +21,30 @@ def _write_examples(directory, count):
   return examples
 
 
-def test_many_threads_read_the_same_examples_at_once(tmp_path):
-  # CPython 3.11's parser (numpy parses every .npy header with it) failed once in a recipe run when grain's threads
-  # parsed at once ('AST constructor recursion depth mismatch'); it is rare, so this checks reads under load only.
+def test_threads_never_parse_headers_at_once(tmp_path, monkeypatch):
+  """CPython 3.11's parser is not thread-safe, and numpy parses every .npy header with `ast.literal_eval`: grain's
+  reader threads doing so at once crashed a recipe run ('AST constructor recursion depth mismatch'). The crash is too
+  rare to provoke, so this checks the cure: however many threads read, one header is parsed at a time."""
   examples = _write_examples(tmp_path, 32)
   source = NpzDirectory(str(tmp_path), keys=[f'array_{k}' for k in range(8)])
-  indices = [i % len(source) for i in range(4000)]
+  parse, lock, parsing, most = ast.literal_eval, threading.Lock(), [0], [0]
 
-  def read_from_depth(index, depth=None):  # the threads parse from different stack depths, as in a real run
-    depth = index % 29 if depth is None else depth
-    return source[index] if depth == 0 else read_from_depth(index, depth - 1)
+  def watched_parse(text):
+    with lock:
+      parsing[0] += 1
+      most[0] = max(most[0], parsing[0])
+    time.sleep(0.0005)  # widen the window another thread would need
+    try:
+      return parse(text)
+    finally:
+      with lock:
+        parsing[0] -= 1
 
+  monkeypatch.setattr(ast, 'literal_eval', watched_parse)
+  indices = [i % len(source) for i in range(400)]
   with ThreadPoolExecutor(16) as pool:
-    read = list(pool.map(read_from_depth, indices))
+    read = list(pool.map(source.__getitem__, indices))
+  assert most[0] == 1
   for index, example in zip(indices, read):
     for key, value in examples[index].items():
       np.testing.assert_array_equal(example[key], value)
