@@ -51,6 +51,7 @@ def test_frame_counts_that_do_not_round_trip_are_refused(tmp_path):
 
 
 def test_train_vae_command_needs_data(tmp_path, capsys):
+  # batch 8 splits over the 8 simulated devices (the tiny clip phase's own batch of 2 is for the one-device recipe)
   assert main(['train', 'vae', '--config=configs/train.py:vae,tiny', f'--config.train.workdir={tmp_path}',
-               f'--config.train.data_dir={tmp_path / "missing"}']) == 1
+               '--config.train.batch_size=8', f'--config.train.data_dir={tmp_path / "missing"}']) == 1
   assert 'missing' in capsys.readouterr().err
