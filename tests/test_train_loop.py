@@ -211,6 +211,30 @@ def test_metrics_file_and_tensorboard(baseline):
   assert events and os.path.getsize(events[0]) > 100
 
 
+def test_tensorboard_logging_does_not_load_torch_and_leaves_it_importable(tmp_path):
+  """tensorboardX would import torch (seconds) at its import when installed; a fresh process logs without it."""
+  script = f"""
+import glob, sys
+from landiff_jax.train import metrics
+writer = metrics.MetricsWriter({str(tmp_path)!r}, total_steps=2, initial_step=0, progress=False)
+writer.write(1, {{'loss': 0.5}})
+writer.close()
+assert 'torch' not in sys.modules, 'tensorboardX loaded torch'
+from tensorboardX.proto import event_pb2
+data = open(glob.glob({str(tmp_path / 'tensorboard' / '*')!r})[0], 'rb').read()
+events, at = [], 0
+while at < len(data):
+  size = int.from_bytes(data[at:at + 8], 'little')
+  events.append(event_pb2.Event.FromString(data[at + 12:at + 12 + size]))
+  at += size + 16
+assert [(v.tag, v.simple_value) for e in events for v in e.summary.value] == [('train/loss', 0.5)]
+import torch
+assert float(torch.ones(3).sum()) == 3.0
+"""
+  done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_resume_after_a_crash_logs_each_step_once(tmp_path):
   _, first = run_toy(tmp_path, num_steps=13)  # checkpoints at 10 and 13
   shutil.rmtree(os.path.join(checkpoint_dir(tmp_path), '13'))  # as if it crashed before saving step 13

@@ -8,7 +8,6 @@ import sys
 from typing import Any
 
 import numpy as np
-import tensorboardX
 import tqdm
 
 METRICS_FILE = 'metrics.jsonl'
@@ -37,6 +36,24 @@ def drop_records_after(path: str, step: int) -> None:
   os.replace(tmp, path)
 
 
+def _summary_writer(logdir: str) -> Any:
+  """A tensorboardX SummaryWriter, imported here rather than with this module (exporting and sampling never log).
+
+  tensorboardX imports torch at its own import time when torch is installed (about 3 s on CPU), only to recognise
+  torch tensors among the values it is given; ours are Python floats, so the import of torch is refused while
+  tensorboardX loads, unless torch is already loaded. Anything importing torch later gets it as usual.
+  """
+  if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
+    import tensorboardX  # pylint: disable=import-outside-toplevel
+    return tensorboardX.SummaryWriter(logdir)
+  sys.modules['torch'] = None  # makes `import torch` raise ImportError
+  try:
+    import tensorboardX  # pylint: disable=import-outside-toplevel
+  finally:
+    del sys.modules['torch']
+  return tensorboardX.SummaryWriter(logdir)
+
+
 class MetricsWriter:
   """Writes one record per logged step. Only the writing process (process 0) touches files.
 
@@ -52,7 +69,7 @@ class MetricsWriter:
       metrics_path = os.path.join(workdir, METRICS_FILE)
       drop_records_after(metrics_path, initial_step)
       self._jsonl = open(metrics_path, 'a', encoding='utf-8')
-      self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+      self._tensorboard = _summary_writer(os.path.join(workdir, TENSORBOARD_DIR))
     show_bar = enabled and progress and sys.stderr.isatty()
     self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, disable=not show_bar, unit='step',
                           dynamic_ncols=True)
