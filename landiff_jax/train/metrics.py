@@ -43,14 +43,14 @@ def _summary_writer(logdir: str) -> Any:
   torch tensors among the values it is given; ours are Python floats, so the import of torch is refused while
   tensorboardX loads, unless torch is already loaded. Anything importing torch later gets it as usual.
   """
-  if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
-    import tensorboardX  # pylint: disable=import-outside-toplevel
-    return tensorboardX.SummaryWriter(logdir)
-  sys.modules['torch'] = None  # makes `import torch` raise ImportError
+  refuse_torch = 'torch' not in sys.modules and 'tensorboardX' not in sys.modules
+  if refuse_torch:
+    sys.modules['torch'] = None  # makes `import torch` raise ImportError
   try:
     import tensorboardX  # pylint: disable=import-outside-toplevel
   finally:
-    del sys.modules['torch']
+    if refuse_torch:
+      del sys.modules['torch']
   return tensorboardX.SummaryWriter(logdir)
 
 
