@@ -288,6 +288,10 @@ def train_config():
           data_seed=0,
           shuffle=True,
           progress=True,
+          # mixed precision: gradients are reduced across devices in this dtype
+          grad_reduce_dtype='float32',
+          # a non-finite loss or gradient: 'stop' (name the step and batch, keep the last good checkpoint) or 'skip'
+          nonfinite='stop',
       ))
 
 
@@ -295,10 +299,25 @@ def get_config():
   config = ConfigDict()
   config.name = 'landiff_official'
   config.seed = 42
+  # The dtype policy, in one place (DESIGN.md, Precision). Training keeps master parameters and optimizer state in
+  # `param_dtype`; inference stores (`convert --dtype`) and loads parameters in `storage_dtype` (loading casts either
+  # way); matmuls run in `compute_dtype`, while norms, softmax, the residual stream and the sampler stay fp32 where
+  # the release keeps them fp32 under autocast.
   config.param_dtype = 'float32'
+  config.storage_dtype = 'bfloat16'
   config.compute_dtype = 'bfloat16'
   config.attention_backend = 'xla'
+  # an explicitly chosen backend that would hold more than this many GiB of attention scores at once is refused
+  config.attention_max_scores_gib = 4.0
   config.remat_policy = 'nothing_saveable'
+  config.runtime = ConfigDict(
+      dict(
+          # 'none': every part resident; 'stage': only the running stage's parameters on the device
+          offload='none',
+          # persistent XLA compilation cache, so a second process does not compile again
+          compilation_cache=True,
+          compilation_cache_dir='',  # '' = a per-user folder ($XDG_CACHE_HOME or ~/.cache)/landiff-jax/xla
+      ))
   config.parallel = parallel_config()
   config.theia = theia_config()
   config.tokenizer = tokenizer_config()

@@ -52,6 +52,7 @@ def get_config():
   config = _official()
   config.name = 'shapes_demo'
   config.compute_dtype = 'float32'
+  config.storage_dtype = 'float32'
   config.remat_policy = 'none'
 
   config.video.update(dict(height=64, width=64, num_frames=49, fps=8))

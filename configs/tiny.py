@@ -26,6 +26,7 @@ def get_config():
   config = _official()
   config.name = 'tiny'
   config.compute_dtype = 'float32'
+  config.storage_dtype = 'float32'
   config.remat_policy = 'none'
 
   config.theia.update(dict(patch_size=16, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64,
