@@ -6,6 +6,9 @@ ones) → (x − 127.5)/127.5 → 16×16 patch embedding → [CLS; patches] + po
 table resized to the grid with PyTorch's bicubic (A = −0.75, align_corners=False, edge-clamped), computed as two
 interpolation matrices on the host (`jax.image.resize` differs) → pre-norm ViT blocks (LayerNorm eps 1e-12, exact
 GELU) → final LayerNorm → CLS dropped → the frame's own (H/16, W/16) region of the grid.
+
+Numerics follow the release's bf16 autocast: with `dtype=bfloat16` the patch embedding, projections and attention
+run in bf16, while the embeddings sum, every LayerNorm output and so the residual stream stay float32.
 """
 
 from __future__ import annotations
@@ -88,11 +91,12 @@ class TheiaBlock(nn.Module):
     s = self.settings
     head_dim = s.hidden_size // s.num_heads
     proj = functools.partial(Dense, (s.num_heads, head_dim), kernel_axes=('embed', 'heads', 'kv'), dtype=self.dtype)
-    h = LayerNorm(s.eps, name='norm1')(x)
+    h = LayerNorm(s.eps, dtype=jnp.float32, name='norm1')(x)
     out = attention(proj(name='q')(h), proj(name='k')(h), proj(name='v')(h), MaskSpec.full(), backend=self.backend)
     x = x + Dense(s.hidden_size, axis=(-2, -1), kernel_axes=('heads', 'kv', 'embed'), dtype=self.dtype,
                   name='o')(out)
-    x = x + Mlp(s.mlp_dim, activation='gelu', dtype=self.dtype, name='mlp')(LayerNorm(s.eps, name='norm2')(x))
+    x = x + Mlp(s.mlp_dim, activation='gelu', dtype=self.dtype, name='mlp')(
+        LayerNorm(s.eps, dtype=jnp.float32, name='norm2')(x))
     return constrain(x, SEQUENCE_AXES), None
 
 
@@ -126,11 +130,11 @@ class Theia(nn.Module):
     table = self.param('position_table', nn.with_logical_partitioning(init, (None, None, 'embed')),
                        (s.pretrained_grid, s.pretrained_grid, s.hidden_size))
     positions = resize_position_table(table, grid).reshape(grid * grid, s.hidden_size)
-    first = jnp.broadcast_to((cls + cls_position).astype(self.dtype), (b, 1, s.hidden_size))
-    x = jnp.concatenate([first, tokens + positions.astype(self.dtype)], axis=1)
+    first = jnp.broadcast_to((cls + cls_position).astype(jnp.float32), (b, 1, s.hidden_size))
+    x = jnp.concatenate([first, tokens.astype(jnp.float32) + positions.astype(jnp.float32)], axis=1)
     x, _ = scan_layers(TheiaBlock, s.num_layers, s, self.backend, self.dtype, remat_policy=self.remat_policy,
                        name='blocks')(x, None)
-    x = LayerNorm(s.eps, name='final_norm')(x)[:, 1:].reshape(b, grid, grid, s.hidden_size)
+    x = LayerNorm(s.eps, dtype=jnp.float32, name='final_norm')(x)[:, 1:].reshape(b, grid, grid, s.hidden_size)
     return x[:, :height // p, :width // p].astype(jnp.float32)
 
   def init_params(self, rng: Array) -> Any:

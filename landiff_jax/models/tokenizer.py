@@ -7,6 +7,10 @@ positions (t, h, w) for visual tokens and (n, n, n) for query n, the frame-causa
 Decoder: ids → codes → project_out → decoder_embed; a shared mask token in every visual position; the decoder mask;
 visual outputs → ln_post → Linear → tanh → Linear → features [B, T, 30, 45, 768].
 
+Numerics follow the release's bf16 autocast: with `dtype=bfloat16` the matmuls (and attention) run in bf16, while
+every LayerNorm returns float32 (autocast runs layer_norm in fp32), so the residual stream — ln_pre's output plus
+bf16 block updates, promoted — stays float32 through every block; the quantizer works in float32.
+
 Clips longer than one group (13 frames) are split into independent groups of 13 (as the paper and long-video
 generation need); `grouping='single'` encodes the whole clip as one sequence, which is what the released code does.
 """
@@ -97,14 +101,15 @@ class Block(nn.Module):
     s = self.settings
     proj = functools.partial(Dense, (s.num_heads, s.head_dim), use_bias=s.qkv_bias, kernel_axes=('embed', 'heads', 'kv'),
                              dtype=self.dtype)
-    h = LayerNorm(s.layer_norm_eps, name='ln_1')(x)
+    h = LayerNorm(s.layer_norm_eps, dtype=jnp.float32, name='ln_1')(x)
     q = apply_rope(proj(name='wq')(h), angles)
     k = apply_rope(proj(name='wk')(h), angles)
     v = proj(name='wv')(h)
     out = attention(q, k, v, self.mask, backend=self.backend)
     x = x + Dense(s.width, axis=(-2, -1), use_bias=s.qkv_bias, kernel_axes=('heads', 'kv', 'embed'), dtype=self.dtype,
                   name='wo')(out)
-    x = x + Mlp(s.mlp_dim, activation='gelu', dtype=self.dtype, name='mlp')(LayerNorm(s.layer_norm_eps, name='ln_2')(x))
+    x = x + Mlp(s.mlp_dim, activation='gelu', dtype=self.dtype, name='mlp')(
+        LayerNorm(s.layer_norm_eps, dtype=jnp.float32, name='ln_2')(x))
     return constrain(x, SEQUENCE_AXES), None
 
 
@@ -130,12 +135,12 @@ class TokenizerEncoder(nn.Module):
                         (s.num_iframe_tokens, s.width))
     pframe = self.param('pframe_queries', nn.with_logical_partitioning(init, (None, 'embed')),
                         (s.num_pframe_tokens, s.width))
-    queries = jnp.concatenate([iframe, jnp.tile(pframe, (frames - 1, 1))], axis=0).astype(self.dtype)
-    x = jnp.concatenate([visual, jnp.broadcast_to(queries, (b,) + queries.shape)], axis=1)
-    x = LayerNorm(s.layer_norm_eps, name='ln_pre')(x)
+    queries = jnp.concatenate([iframe, jnp.tile(pframe, (frames - 1, 1))], axis=0).astype(jnp.float32)
+    x = jnp.concatenate([visual.astype(jnp.float32), jnp.broadcast_to(queries, (b,) + queries.shape)], axis=1)
+    x = LayerNorm(s.layer_norm_eps, dtype=jnp.float32, name='ln_pre')(x)
     mask = MaskSpec.encoder(s.layout(frames))
     x, _ = transformer(s, mask, self.backend, self.dtype, self.remat_policy)(x, rope_angles(s, frames))
-    latents = LayerNorm(s.layer_norm_eps, name='ln_post')(x[:, frames * s.tokens_per_frame:])
+    latents = LayerNorm(s.layer_norm_eps, dtype=jnp.float32, name='ln_post')(x[:, frames * s.tokens_per_frame:])
     return Dense(s.token_size, kernel_axes=('embed', None), dtype=self.dtype, name='proj_out')(latents)
 
 
@@ -155,11 +160,12 @@ class TokenizerDecoder(nn.Module):
         latents.astype(self.dtype))
     mask_token = self.param('mask_token', nn.with_logical_partitioning(nn.initializers.normal(s.width**-0.5),
                                                                        ('embed',)), (s.width,))
-    visual = jnp.broadcast_to(mask_token.astype(self.dtype), (b, frames * s.tokens_per_frame, s.width))
-    x = LayerNorm(s.layer_norm_eps, name='ln_pre')(jnp.concatenate([visual, latents], axis=1))
+    visual = jnp.broadcast_to(mask_token.astype(jnp.float32), (b, frames * s.tokens_per_frame, s.width))
+    x = jnp.concatenate([visual, latents.astype(jnp.float32)], axis=1)
+    x = LayerNorm(s.layer_norm_eps, dtype=jnp.float32, name='ln_pre')(x)
     mask = MaskSpec.decoder(s.layout(frames))
     x, _ = transformer(s, mask, self.backend, self.dtype, self.remat_policy)(x, rope_angles(s, frames))
-    x = LayerNorm(s.layer_norm_eps, name='ln_post')(x[:, :frames * s.tokens_per_frame])
+    x = LayerNorm(s.layer_norm_eps, dtype=jnp.float32, name='ln_post')(x[:, :frames * s.tokens_per_frame])
     x = jnp.tanh(Dense(s.decoder_ffn_dim, kernel_axes=('embed', 'mlp'), dtype=self.dtype, name='ffn_in')(x))
     x = Dense(s.feature_dim, kernel_axes=('mlp', None), dtype=self.dtype, name='ffn_out')(x)
     return x.astype(jnp.float32).reshape(b, frames, *s.grid, s.feature_dim)
