@@ -11,6 +11,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from landiff_jax.nn.precision import dense_general
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 LogicalAxes = tuple[str | None, ...]
@@ -65,16 +67,12 @@ class Dense(nn.Module):
 
     kernel = self.param('kernel', nn.with_logical_partitioning(init_kernel, kernel_axes), kernel_shape,
                         self.param_dtype)
-    x = jnp.asarray(x, self.dtype)
-    kernel = jnp.asarray(kernel, self.dtype)
-    contract = (axis, tuple(range(len(axis))))
-    y = lax.dot_general(x, kernel, (contract, ((), ())), precision=self.precision)
+    bias = None
     if self.use_bias:
       bias_axes = kernel_axes[len(axis):]
       bias = self.param('bias', nn.with_logical_partitioning(self.bias_init, bias_axes), features,
                         self.param_dtype)
-      y = y + jnp.asarray(bias, self.dtype)
-    return y
+    return dense_general(jnp.asarray(x), kernel, bias, axis, self.dtype, self.precision)
 
 
 class Embed(nn.Module):

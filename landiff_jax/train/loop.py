@@ -15,6 +15,7 @@ import optax
 
 from landiff_jax import parallel
 from landiff_jax.data.pipeline import make_batch_iterator
+from landiff_jax.nn.precision import gradient_reduce_dtype
 from landiff_jax.train import checkpoint
 from landiff_jax.train.metrics import MetricsWriter, scalar_metrics
 from landiff_jax.train.optimizer import (flatten_params, learning_rate_schedule, make_optimizer, merge_params,
@@ -69,6 +70,16 @@ def overlay_params(params: Any, pretrained: Any) -> Any:
   return unflatten_params(flat)
 
 
+def master_dtype(task: Task) -> jnp.dtype:
+  """The dtype of the master parameters and the optimizer state: the task's `param_dtype` (float32 by default)."""
+  return jnp.dtype(getattr(task, 'param_dtype', 'float32'))
+
+
+def as_master(params: Any, dtype: Any) -> Any:
+  """Every floating leaf in the master dtype (the model computes in its own compute dtype from these)."""
+  return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+
+
 def _make_init_state(task: Task, tx: optax.GradientTransformation, train_config) -> Callable[..., TrainState]:
   frozen, ema_on = list(train_config.frozen), train_config.ema_decay > 0
 
@@ -77,7 +88,7 @@ def _make_init_state(task: Task, tx: optax.GradientTransformation, train_config)
     params = nn.meta.unbox(task.init_params(init_rng, example_batch))
     if pretrained is not None:
       params = overlay_params(params, pretrained)
-    trainable, frozen_params = split_frozen(params, frozen)
+    trainable, frozen_params = split_frozen(as_master(params, master_dtype(task)), frozen)
     return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen_params=frozen_params,
                       opt_state=tx.init(trainable),
                       ema_params=jax.tree.map(jnp.copy, trainable) if ema_on else None,
@@ -100,7 +111,7 @@ def _state_shardings(task: Task, tx: optax.GradientTransformation, train_config,
 
 
 def _make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                     ema_decay: float) -> Callable[..., Any]:
+                     ema_decay: float, grad_reduce_dtype: Any = 'float32') -> Callable[..., Any]:
 
   def train_step(state: TrainState, batch: Any):
     rng = jax.random.fold_in(state.key(), state.step)
@@ -108,7 +119,12 @@ def _make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opt
     def loss_of(trainable):
       return task.loss_fn(merge_params(trainable, state.frozen_params), batch, rng)
 
-    (loss, task_metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    # mixed precision: the task computes in its compute dtype from the fp32 masters; parameter gradients are
+    # accumulated and reduced across devices in `train.grad_reduce_dtype`, then handed to the optimizer in the
+    # masters' dtype
+    with gradient_reduce_dtype(grad_reduce_dtype):
+      (loss, task_metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     frozen_params = state.frozen_params
@@ -213,7 +229,8 @@ def _jit_train_step(task, tx, schedule, train_config, mesh, state, example_batch
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   batch_shardings = jax.tree.map(lambda x: x.sharding, example_batch)
   replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(_make_train_step(task, tx, schedule, train_config.ema_decay),
+  return jax.jit(_make_train_step(task, tx, schedule, train_config.ema_decay,
+                                  train_config.get('grad_reduce_dtype', 'float32')),
                  in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, replicated, replicated), donate_argnums=(0,))
 

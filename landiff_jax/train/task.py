@@ -24,6 +24,9 @@ class Task(Protocol):
   gives parameter values — all or some, e.g. a frozen backbone from a converted model directory — that replace
   the random initialisation at the same paths.
 
+  Optionally `param_dtype` (default 'float32'): the dtype the loop keeps the master parameters (trainable and
+  frozen) and so the optimizer state and EMA in; the task's models compute in their own compute dtype from them.
+
   Optionally `update_frozen(params, inputs, rng) -> frozen tree`: state that learns without gradients (e.g. a VQ
   codebook updated by EMA). When `loss_fn`'s metrics hold `inputs` under the key 'frozen_update_inputs', the step
   calls it after the optimizer update with the merged parameters and returns the new frozen sub-tree (same

@@ -18,6 +18,8 @@ class StageTask:
   def __init__(self, config: Any, examples: Any = None):
     self.config = config
     self.examples = examples
+    # master parameters and optimizer state (the loop casts to it); the models compute in `config.compute_dtype`
+    self.param_dtype = config.get('param_dtype', 'float32')
 
   def dataset(self) -> grain.MapDataset:
     if self.examples is not None:
