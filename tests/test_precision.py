@@ -4,24 +4,39 @@ training step of each stage tracks its fp32 run with fp32 master weights and opt
 
 import functools
 
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 import pytest
 
 from landiff_jax.config import load_config
+from landiff_jax.data.shapes import NUM_SEMANTIC_CLASSES
 from landiff_jax.models import dit as dit_model
 from landiff_jax.models import lm as lm_model
 from landiff_jax.models import t5 as t5_model
 from landiff_jax.models import theia as theia_model
 from landiff_jax.models import tokenizer as tokenizer_model
 from landiff_jax.models import vae as vae_model
+from landiff_jax.nn import Dense
+from landiff_jax.nn.precision import gradient_reduce_dtype
 from landiff_jax.parallel import make_mesh, strip_partitioning
+from landiff_jax.train import train
+from landiff_jax.train.tasks.diffusion import DiffusionTask
+from landiff_jax.train.tasks.lm import LMTask
+from landiff_jax.train.tasks.theia import TheiaTask, cell_size
+from landiff_jax.train.tasks.tokenizer import TokenizerTask
+from landiff_jax.train.tasks.vae import VAETask
+import test_train_diffusion  # the tests dir is on sys.path: reuse the stages' tiny configs and examples
+import test_train_lm
+import test_train_tokenizer
+import test_train_vae
 
 BF16 = jnp.bfloat16
 # bf16 keeps 8 mantissa bits (relative step 2⁻⁸ ≈ 0.4 %); a stage of a few layers that rounds every matmul input to
-# bf16 stays within a few of those steps of its fp32 run
-# (measured at tiny size: 0.6–1.7 %). Relative L2 error ‖bf16 − fp32‖ / ‖fp32‖ of a stage:
+# bf16 stays within a few of those steps of its fp32 run (measured at tiny size: 0.6–1.7 %). Relative L2 error
+# ‖bf16 − fp32‖ / ‖fp32‖ of a stage:
 INFERENCE_RTOL = 3e-2
 
 
@@ -244,12 +259,6 @@ def test_dense_parameter_gradients_come_in_the_stated_dtype():
   """Inside `gradient_reduce_dtype(float32)` a bf16-compute dense layer with fp32 parameters gets the exact gradient
   of its bf16 forward (no bf16 rounding of the batch sum), and on a data-parallel mesh the cross-device reduction
   of that gradient is an fp32 all-reduce."""
-  from flax import linen as nn
-  from jax.sharding import NamedSharding, PartitionSpec
-
-  from landiff_jax.nn import Dense
-  from landiff_jax.nn.precision import gradient_reduce_dtype
-
   layer = Dense((5, 6), axis=(3, 1), dtype=BF16)  # contracted axes out of order, two output axes
   x = jax.random.normal(jax.random.key(1), (16, 3, 7, 4))
   params = nn.meta.unbox(layer.init(jax.random.key(0), x))
@@ -284,18 +293,6 @@ def test_dense_parameter_gradients_come_in_the_stated_dtype():
 
 # --- training: bf16 compute from fp32 masters ------------------------------------------------------------------------
 
-import test_train_diffusion  # noqa: E402  (tests dir is on sys.path)
-import test_train_lm  # noqa: E402
-import test_train_tokenizer  # noqa: E402
-import test_train_vae  # noqa: E402
-
-from landiff_jax.data.shapes import NUM_SEMANTIC_CLASSES  # noqa: E402
-from landiff_jax.train import train  # noqa: E402
-from landiff_jax.train.tasks.diffusion import DiffusionTask  # noqa: E402
-from landiff_jax.train.tasks.lm import LMTask  # noqa: E402
-from landiff_jax.train.tasks.theia import TheiaTask, cell_size  # noqa: E402
-from landiff_jax.train.tasks.tokenizer import TokenizerTask  # noqa: E402
-from landiff_jax.train.tasks.vae import VAETask  # noqa: E402
 
 TRAIN_STEPS = 20
 # The mean loss of each 5-step window of the bf16 run is within TRAIN_RTOL of the fp32 run's: the two runs start
