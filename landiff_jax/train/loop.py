@@ -26,6 +26,7 @@ from landiff_jax.train.task import Task, count_units
 Hook = Callable[[int, TrainState, dict[str, jax.Array]], None]
 # A loss_fn metric under this key is not logged: it goes to `task.update_frozen` (see `Task`).
 STATE_UPDATE_KEY = 'frozen_update_inputs'
+GRAD_REDUCE_DTYPES = ('float32', 'bfloat16')
 
 
 def validate_train_config(train_config) -> None:
@@ -37,6 +38,9 @@ def validate_train_config(train_config) -> None:
       raise ValueError(f'train.{field}={train_config[field]} must be at least 1.')
   if not 0 <= train_config.ema_decay < 1:
     raise ValueError(f'train.ema_decay={train_config.ema_decay} must be in [0, 1) (0 turns EMA off).')
+  if train_config.get('grad_reduce_dtype', 'float32') not in GRAD_REDUCE_DTYPES:
+    raise ValueError(f'train.grad_reduce_dtype={train_config.grad_reduce_dtype!r} must be one of '
+                     f'{GRAD_REDUCE_DTYPES} (the dtype gradients are summed across devices in).')
 
 
 def _out_of_time(elapsed: float, max_seconds: float) -> bool:
