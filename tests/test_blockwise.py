@@ -5,7 +5,6 @@ builds its models with the configured backend."""
 import functools
 import importlib
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
