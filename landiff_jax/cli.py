@@ -155,8 +155,6 @@ def conversion_failed(error: Exception, args) -> int:
     if details:
       print(details, file=sys.stderr)
     traceback.print_exception(error, file=sys.stderr)
-  else:
-    print('(run again with --verbose for the details)', file=sys.stderr)
   return 1
 
 

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import contextvars
 import os
+import re
 import tempfile
 from typing import Any
 
@@ -165,7 +166,7 @@ class Mapper:
     self.used: set[str] = set()
     self.missing: list[str] = []
     self.misshaped: list[str] = []
-    self.shape_pairs: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # (converted, expected) of misshaped
+    self.shape_pairs: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []  # (name, converted, expected)
 
   def put(self, path: tuple[str, ...], value: np.ndarray, source: str) -> None:
     value = np.ascontiguousarray(value, np.float32)
@@ -173,7 +174,7 @@ class Mapper:
       raise KeyError(f'converter bug: {path} is not a parameter of the model')
     if value.shape != self.expected[path]:
       self.misshaped.append(f'{source}: {value.shape} after conversion, expected {self.expected[path]}')
-      self.shape_pairs.append((value.shape, self.expected[path]))
+      self.shape_pairs.append((source, value.shape, self.expected[path]))
       return
     self.out[path] = keep(value)
 
@@ -206,7 +207,7 @@ class Mapper:
       if value.shape != per_layer:
         self.misshaped.append(f'{name}: {source_shape}, expected {per_layer} after conversion')
         if value.shape != source_shape or len(value.shape) == len(per_layer):
-          self.shape_pairs.append((value.shape, per_layer))
+          self.shape_pairs.append((name, value.shape, per_layer))
         complete = False
       elif complete:
         stack.add(np.asarray(value, np.float32))
@@ -290,16 +291,23 @@ def config_fields(config: Any, section: str, value: int) -> list[str]:
   return found
 
 
-def field_hint(config: Any, section: str, shape_pairs: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> str:
-  """Names the config field(s) whose value gives the dimension that differs from the file, e.g.
-  'the file has 24 where the config gives 12 (dit.text_dim): set --config.dit.text_dim=24'."""
-  for got, want in shape_pairs:
+def _words(name: str) -> set[str]:
+  return {w for w in re.split(r'[^a-z0-9]+', name.lower().replace('_', '.')) if len(w) > 1 and not w.isdigit()}
+
+
+def field_hint(config: Any, section: str, shape_pairs: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> str:
+  """Names the config field whose value gives the dimension that differs from the file, e.g. 'The file has 24
+  where the config gives 12 (dit.text_dim): set --config.dit.text_dim=24'. Of several fields with that value, the
+  ones sharing a word with the tensor's name (text_proj ~ text_dim) are preferred."""
+  for name, got, want in shape_pairs:
     if len(got) != len(want):
       continue
     for found, expected in zip(got, want):
       if found == expected:
         continue
       fields = config_fields(config, section, expected)
+      related = [f for f in fields if _words(f.rsplit('.', 1)[-1]) & _words(name)]
+      fields = related or fields
       if len(fields) == 1:
         return (f'The file has {found} where the config gives {expected} ({fields[0]}): set '
                 f'--config.{fields[0]}={found} (or use the config the checkpoint was trained with).')

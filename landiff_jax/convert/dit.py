@@ -369,7 +369,7 @@ def _check_shapes(params: dict, config: Any) -> tuple[list[str], list[tuple]]:
     name = '/'.join(str(getattr(p, 'key', p)) for p in path)
     if got is not None and tuple(want.shape) != tuple(np.shape(got)):
       problems.append(f'{name}: {tuple(np.shape(got))}, expected {tuple(want.shape)}')
-      pairs.append((tuple(np.shape(got)), tuple(want.shape)))
+      pairs.append((name, tuple(np.shape(got)), tuple(want.shape)))
 
   flat_want = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
   flat_got = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)[0])

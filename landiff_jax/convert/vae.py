@@ -84,7 +84,7 @@ def convert_vae(state_dict: Mapping[str, np.ndarray], config: Any, *, decoder_on
     value = to_flax_layout(np.asarray(array, dtype=np.float32))
     if value.shape != expected[path]:
       misshaped.append(f'{name}: {tuple(np.shape(array))} → {value.shape}, expected {expected[path]}')
-      pairs.append((value.shape, expected[path]))
+      pairs.append((name, value.shape, expected[path]))
       continue
     params[path] = keep(value)
   missing = ['/'.join(p[1:]) for p in expected if p not in params]
