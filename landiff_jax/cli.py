@@ -97,7 +97,7 @@ def cmd_convert(args, config) -> int:
   import jax
 
   from landiff_jax import checkpoints
-  from landiff_jax.convert import ConversionError, common, io, notices
+  from landiff_jax.convert import common, io, notices
 
   if args.part == 'all':
     return convert_all(args, config)
@@ -139,7 +139,7 @@ def cmd_convert(args, config) -> int:
       params = common.cast_params(convert_fn(state_dict, part_config, **options), dtype)
       dst = checkpoints.save(args.dst, part=args.part, config=part_config, params=params,
                              overwrite=args.overwrite, source=os.path.abspath(args.src))
-    except (ConversionError, checkpoints.CheckpointError) as e:
+    except Exception as e:  # pylint: disable=broad-except  (one line; --verbose shows the traceback)
       return conversion_failed(e, args)
   count = sum(x.size for x in jax.tree.leaves(params))
   print(f'wrote {args.part} ({count:,} parameters, {dtype}) to {dst} in {time.perf_counter() - start:.1f} s')
@@ -148,7 +148,13 @@ def cmd_convert(args, config) -> int:
 
 def conversion_failed(error: Exception, args) -> int:
   """One line on stderr; with --verbose also the details behind it and the traceback."""
-  print(f'landiff-jax: error: {error}', file=sys.stderr)
+  from landiff_jax.checkpoints import CheckpointError
+  from landiff_jax.convert import ConversionError
+
+  message = ' '.join(str(error).split())
+  if not isinstance(error, (ConversionError, CheckpointError)):  # unforeseen: say what and where
+    message = f'converting {args.part} from {args.src} failed: {type(error).__name__}: {message[:300]}'
+  print(f'landiff-jax: error: {message}', file=sys.stderr)
   if getattr(args, 'verbose', False):
     import traceback
     details = getattr(error, 'details', '')
@@ -255,8 +261,7 @@ def cmd_prepare(args, config) -> int:
 
 
 def convert_all(args, config) -> int:
-  from landiff_jax.checkpoints import CheckpointError
-  from landiff_jax.convert import ConversionError, notices
+  from landiff_jax.convert import notices
   from landiff_jax.convert.release import convert_release
 
   if args.base or args.decoder_only:
@@ -267,7 +272,7 @@ def convert_all(args, config) -> int:
     with notices(lambda message: print(f'note: {message}')):
       report = convert_release(args.src, args.dst, config, t5=args.t5 or None, flan_t5=args.flan_t5 or None,
                                theia=args.theia or None, dtype=args.dtype or None)
-  except (ConversionError, CheckpointError, FileNotFoundError) as e:
+  except Exception as e:  # pylint: disable=broad-except  (one line; --verbose shows the traceback)
     return conversion_failed(e, args)
   print('\n'.join(f'  {part}: {state}' for part, state in report.items()))
   print(f'pipeline directory ready: {args.dst}  (landiff-jax generate --ckpt {args.dst} --prompt "...")')

@@ -145,7 +145,7 @@ def convert_release(src: str, dst: str, config: ml_collections.ConfigDict, *, t5
       log(f'{part}: unchanged since the last conversion, kept')
       continue
     log(f'{part}: converting {paths["src"]}' + (f' over {paths["base"]}' if 'base' in paths else '')
-        + f' ({dtype})')
+        + (f' under the copy in {paths["engine"]}, if it holds one' if 'engine' in paths else '') + f' ({dtype})')
     with tempfile.TemporaryDirectory(prefix=f'.{part}.spill-', dir=dst) as spill, common.spilling(spill):
       try:
         params, part_config = convert_part(part, paths, config)
