@@ -109,9 +109,9 @@ def cmd_convert(args, config) -> int:
   if args.decoder_only and args.part != 'vae':
     print(f'landiff-jax: error: --decoder-only applies to the vae only, not to {args.part}.', file=sys.stderr)
     return 2
-  if args.base and args.part not in ('dit', 'tokenizer'):
-    print(f'landiff-jax: error: --base applies to the dit and the tokenizer only, not to {args.part}.',
-          file=sys.stderr)
+  if args.base and args.part not in ('dit', 'tokenizer', 'vae', 't5_dit'):
+    print(f'landiff-jax: error: --base applies to the parts LanDiff\'s engine checkpoint overlays (dit, tokenizer, '
+          f'vae, t5_dit), not to {args.part}.', file=sys.stderr)
     return 2
   dtype = args.dtype or config.get('storage_dtype', 'float32')
   function_path = CONVERTERS[args.part]
@@ -129,8 +129,13 @@ def cmd_convert(args, config) -> int:
       part_config = checkpoints.part_config(config, args.part)
       options = {}
       if args.base:
-        options['base_state_dict'] = io.load_state_dict(args.base)
-        print(f'read {len(options["base_state_dict"])} tensors from {args.base}')
+        base = io.load_state_dict(args.base)
+        print(f'read {len(base)} tensors from {args.base}')
+        if args.part in ('dit', 'tokenizer'):
+          options['base_state_dict'] = base
+        else:  # the engine's copy of a frozen part over the part's own file
+          from landiff_jax.convert.release import over_engine
+          state_dict = over_engine(args.part, state_dict, base)
       if args.decoder_only:
         options['decoder_only'] = True
         part_config.with_encoder = False
@@ -583,8 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help='vae: convert only the decoder (enough to generate videos)')
       command.add_argument('--base', default='',
                            help='dit: the CogVideoX-2B SAT checkpoint that tensors missing from --src (a LanDiff '
-                           'diffusion checkpoint) are read from, as the release loads them; tokenizer: '
-                           'tokenizer/model.safetensors under the copy inside --src (the LanDiff engine)')
+                           'diffusion checkpoint) are read from, as the release loads them; tokenizer, vae, t5_dit: '
+                           'the part\'s own file (tokenizer/model.safetensors, 3d-vae.pt, the T5 folder) under the '
+                           'copy inside --src (the LanDiff engine), if it holds one')
       command.add_argument('--dtype', default=None, choices=['bfloat16', 'float32'],
                            help='dtype the parameters are stored in (default: the config\'s storage_dtype: '
                            'bfloat16 for the release, float32 for the tiny and demo configs)')

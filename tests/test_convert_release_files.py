@@ -21,6 +21,7 @@ from landiff_jax.convert import ConversionError, common, io, notices, release
 from landiff_jax.convert.dit import convert_dit
 from landiff_jax.convert.lm import convert_lm
 from landiff_jax.convert.tokenizer import convert_tokenizer
+from landiff_jax.convert.vae import convert_vae
 from landiff_jax.models import tokenizer as tok
 
 torch = pytest.importorskip('torch')
@@ -28,9 +29,11 @@ diffusers = pytest.importorskip('diffusers')
 safetensors_torch = pytest.importorskip('safetensors.torch')
 
 from test_convert_io import _Exploit  # noqa: E402  (tests dir is on sys.path)
+from test_convert_memory import _vae_tensors  # noqa: E402
 from test_dit import TorchSemanticCond, make_reference, to_sat  # noqa: E402
 from test_lm import official_state_dict as lm_state_dict  # noqa: E402
 from test_tokenizer import official_state_dict as tokenizer_state_dict  # noqa: E402
+from test_vae import diffusers_to_sat_name  # noqa: E402
 
 CONTROL = 'model.control_model.diffusion_model.'
 COPY = CONTROL + 'semantic_conditioner.semantic_model.model.'
@@ -191,6 +194,28 @@ def test_engine_tokenizer_copy_takes_precedence_and_is_compared(engine, tokenize
   with notices() as notes:  # the DiT conversion of the same engine leaves the copy to the tokenizer, and says so
     convert_dit(io.load_state_dict(differing), cfg)
   assert any('tokenizer copy' in n and 'convert tokenizer' in n for n in notes)
+
+
+def test_an_engine_copy_of_the_vae_wins_over_3d_vae_pt(cfg, tmp_path, capsys):
+  sat = {diffusers_to_sat_name(k, len(cfg.vae.channel_mult)): v for k, v in _vae_tensors(cfg.vae).items()}
+  torch.save({'state_dict': sat}, tmp_path / '3d-vae.pt')
+  name = 'decoder.conv_out.conv.bias'
+  tuned = {**sat, name: sat[name] + 1.0}
+  torch.save({'module': {'first_stage_model.' + name: tuned[name].bfloat16()}}, tmp_path / 'engine.pt')
+  with notices() as notes:
+    params, _ = release.convert_part('vae', {'src': str(tmp_path / '3d-vae.pt'), 'engine': str(tmp_path / 'engine.pt')},
+                                     cfg)
+  (note,) = notes
+  assert 'took 1 tensors from the engine copy' in note and f'differ, by up to 1 ({name})' in note
+  expected = convert_vae({k: v.numpy() for k, v in tuned.items()}, cfg.vae)
+  expected['params']['decoder']['conv_out']['bias'] = rounded(expected['params']['decoder']['conv_out']['bias'],
+                                                              ml_dtypes.bfloat16)
+  assert_same(params, expected)
+  dst = tmp_path / 'vae'  # the same from the command line: --src the engine, --base the part's own file
+  assert main(['convert', 'vae', TINY, '--src', str(tmp_path / 'engine.pt'), '--base', str(tmp_path / '3d-vae.pt'),
+               '--dst', str(dst)]) == 0
+  assert 'note: vae: took 1 tensors' in capsys.readouterr().out
+  assert_same(checkpoints.load_params(str(dst)), expected)
 
 
 def test_extra_keys_are_listed_where_the_release_is_lenient_and_refused_where_strict(engine, clean, tokenizer_file,

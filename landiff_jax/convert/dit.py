@@ -334,6 +334,11 @@ def convert_dit(state_dict: Mapping[str, np.ndarray], config: Any, *,
     notice(f'dit: the engine holds a tokenizer copy ({len(copy)} tensors under {control_prefix}semantic_conditioner.'
            'semantic_model.), converted with the tokenizer, where it takes precedence: `convert tokenizer --src '
            f'{source_of(state_dict, "ENGINE")} --base tokenizer/model.safetensors` (`convert all` does this).')
+  frozen = [n for n in state_dict if n.startswith(OTHER_PARTS) and not n.startswith('loss.')]
+  if frozen:
+    notice(f'dit: the engine also holds {len(frozen)} tensors of frozen parts (VAE under first_stage_model., T5 under '
+           'conditioner.), converted with those parts, where they take precedence: `convert all` does this; single '
+           'parts: `convert vae|t5_dit --src ENGINE --base FILE`.')
   report_problems(f'the DiT checkpoint (config: hidden {dit.hidden_size}, {dit.num_layers} layers, {num_control} '
                   'control layers)', missing, unexpected, misshaped, strict=False, hint=field_hint(config, '', pairs))
   return {'params': params}

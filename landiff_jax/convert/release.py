@@ -42,6 +42,21 @@ TOKENIZER_FILES = ('spiece.model', 'tokenizer.json', 'tokenizer_config.json', 's
 
 
 THEIA_KEY = 'feature_extractor.model.backbone.model.embeddings.position_embeddings'
+# Frozen parts LanDiff's engine checkpoint may also hold (reference §5.10; whether it does is an open question):
+# SAT loads the engine last with strict=False, so tensors found there win over the part's own file.
+ENGINE_COPIES = {'vae': ('first_stage_model.', 'model.first_stage_model.'),
+                 't5_dit': ('conditioner.embedders.0.transformer.', 'model.conditioner.embedders.0.transformer.')}
+
+
+def over_engine(part: str, engine: Any, base: Any) -> Any:
+  """The part's tensors: the engine's copy (if it holds one) over the part's own file, as the release loads them."""
+  for prefix in ENGINE_COPIES[part]:
+    copy = common.strip_prefix(engine, prefix)
+    if copy:
+      return common.overlay(copy, base, part, f'the engine copy in {common.source_of(engine)}',
+                            common.source_of(base, f'the {part} file'),
+                            'the release loads the engine checkpoint last, so its tensors win')
+  return base
 
 
 def release_sources(src: str, t5: str | None, flan_t5: str | None,
@@ -55,8 +70,8 @@ def release_sources(src: str, t5: str | None, flan_t5: str | None,
       # the engine's tokenizer copy (if it holds one) wins over the tokenizer file, as in the release
       'tokenizer': {'src': os.path.join(src, 'tokenizer', 'model.safetensors'), 'engine': engine},
       'dit': {'src': engine, 'base': deepspeed_file(os.path.join(cog, 'transformer'), '1000')},
-      'vae': {'src': os.path.join(cog, 'vae', '3d-vae.pt')},
-      't5_dit': {'src': t5 or os.path.join(cog, 't5-v1_1-xxl')},
+      'vae': {'src': os.path.join(cog, 'vae', '3d-vae.pt'), 'engine': engine},
+      't5_dit': {'src': t5 or os.path.join(cog, 't5-v1_1-xxl'), 'engine': engine},
       't5_lm': {'src': flan_t5 or ''},
   }
   tokenizer_file = sources['tokenizer']['src']
@@ -117,6 +132,8 @@ def convert_part(part: str, paths: dict[str, str], config: ml_collections.Config
     return convert_dit(state, part_config, base_state_dict=io.load_state_dict(paths['base'])), part_config
   if part == 'tokenizer' and 'engine' in paths:
     return convert_tokenizer(io.load_state_dict(paths['engine']), part_config, base_state_dict=state), part_config
+  if part in ENGINE_COPIES and 'engine' in paths:
+    state = over_engine(part, io.load_state_dict(paths['engine']), state)
   if part in ('t5_dit', 't5_lm'):
     return convert_t5(state, part_config, section=part), part_config
   converters = {'lm': convert_lm, 'tokenizer': convert_tokenizer, 'vae': convert_vae, 'theia': convert_theia}
@@ -145,7 +162,7 @@ def convert_release(src: str, dst: str, config: ml_collections.ConfigDict, *, t5
       log(f'{part}: unchanged since the last conversion, kept')
       continue
     log(f'{part}: converting {paths["src"]}' + (f' over {paths["base"]}' if 'base' in paths else '')
-        + (f' under the copy in {paths["engine"]}, if it holds one' if 'engine' in paths else '') + f' ({dtype})')
+        + (f' under the engine\'s copy, if it holds one' if 'engine' in paths else '') + f' ({dtype})')
     with tempfile.TemporaryDirectory(prefix=f'.{part}.spill-', dir=dst) as spill, common.spilling(spill):
       try:
         params, part_config = convert_part(part, paths, config)
