@@ -180,6 +180,12 @@ def test_engine_tokenizer_copy_takes_precedence_and_is_compared(engine, tokenize
   with notices() as notes:
     assert_same(convert_tokenizer(io.load_state_dict(same), cfg.tokenizer, base_state_dict=base), clean)
   assert any('the engine copy' in n and 'are identical' in n for n in notes)
+  bf16 = str(tmp_path / 'bf16.pt')  # a bf16 engine holds the same weights, rounded
+  torch.save({'module': {**engine, **{COPY + k: torch.from_numpy(v).bfloat16() for k, v in sd.items()}}}, bf16)
+  with notices() as notes:
+    assert_same(convert_tokenizer(io.load_state_dict(bf16), cfg.tokenizer, base_state_dict=base),
+                rounded(clean, ml_dtypes.bfloat16))
+  assert any('same up to the rounding of the copy\'s bfloat16 storage' in n for n in notes), notes
   # the engine was saved in bf16 and was fine-tuned a little: its copy is what the release decodes with
   tuned = {k: torch.from_numpy(v).bfloat16() for k, v in sd.items()}
   tuned['decoder.ffn.2.bias'] = tuned['decoder.ffn.2.bias'] + 0.5

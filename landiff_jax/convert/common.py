@@ -108,20 +108,31 @@ def overlay(top: Mapping[str, Any], base: Mapping[str, Any], what: str, top_labe
   after `base` leaves them. Says which copy was taken and, for the names both hold, how far apart they are (reading
   each shared pair once, one at a time)."""
   shared = [name for name in top if name in base]
-  differing, largest, largest_name = 0, 0.0, ''
+  differing, largest, largest_name, rounding_only, top_dtypes = 0, 0.0, '', True, set()
   for name in shared:
-    a, b = np.asarray(top[name], np.float32), np.asarray(base[name], np.float32)
+    raw = np.asarray(top[name])
+    a, b = raw.astype(np.float32), np.asarray(base[name], np.float32)
     if a.shape != b.shape:
       differing, largest, largest_name = differing + 1, float('inf'), f'{name} (shapes {a.shape} vs {b.shape})'
+      rounding_only = False
       continue
     gap = float(np.max(np.abs(a - b))) if a.size else 0.0
     if gap > 0 or not np.array_equal(np.isnan(a), np.isnan(b)):
       differing += 1
+      top_dtypes.add(str(raw.dtype))
+      # the same weights, only stored in a narrower dtype (e.g. a bf16 engine over an fp32 file)?
+      rounding_only &= raw.dtype.itemsize < 4 and np.array_equal(raw.astype(np.float32),
+                                                                 b.astype(raw.dtype).astype(np.float32))
       if gap >= largest:
         largest, largest_name = gap, name
   only_base = sum(1 for name in base if name not in top)
-  comparison = (f'the {len(shared)} tensors both hold are identical' if not differing else
-                f'{differing} of the {len(shared)} tensors both hold differ, by up to {largest:.3g} ({largest_name})')
+  if not differing:
+    comparison = f'the {len(shared)} tensors both hold are identical'
+  elif rounding_only:
+    comparison = (f'the {len(shared)} tensors both hold are the same up to the rounding of the copy\'s '
+                  f'{"/".join(sorted(top_dtypes))} storage (at most {largest:.3g})')
+  else:
+    comparison = f'{differing} of the {len(shared)} tensors both hold differ, by up to {largest:.3g} ({largest_name})'
   notice(f'{what}: took {len(top)} tensors from {top_label} over {base_label} ({reason})'
          + (f', {only_base} only in {base_label}' if only_base else '') + f'; {comparison}.')
   readers = {name: functools.partial(base.__getitem__, name) for name in base}
