@@ -230,7 +230,7 @@ class Mapper:
       return
     self.out[path] = stack.result()
 
-  def result(self, what: str, ignored: Callable[[str], bool] = lambda name: False, *, strict: bool,
+  def result(self, what: str, ignored: Callable[[str], bool] = lambda name: False, *, strict: bool = True,
              config: Any = None, section: str = '') -> dict[str, Any]:
     """The nested parameter tree, or a ConversionError naming the missing, unexpected and mis-shaped keys.
     Unexpected keys are refused if `strict` (the release's loader is strict), else listed in a notice."""
