@@ -272,7 +272,7 @@ def plain_data_globals() -> list[Any]:
   pickles differ, so nothing is imported by name from the file."""
   import numpy.random._pickle as rng_pickle
   import numpy.random.bit_generator as bit_generator
-  multiarray = np._core.multiarray  # pylint: disable=protected-access
+  multiarray = (getattr(np, '_core', None) or np.core).multiarray  # numpy 2.x, else 1.x
   allowed: list[Any] = [argparse.Namespace, collections.OrderedDict, collections.Counter, collections.deque,
                         np.ndarray, np.dtype, np.random.RandomState, np.random.Generator, bit_generator.SeedSequence,
                         rng_pickle.__randomstate_ctor, rng_pickle.__bit_generator_ctor, rng_pickle.__generator_ctor,
@@ -284,7 +284,9 @@ def plain_data_globals() -> list[Any]:
   unpickle_seed = getattr(bit_generator, '__pyx_unpickle_SeedSequence', None)
   if unpickle_seed is not None:
     allowed.append(unpickle_seed)
-  allowed += [cls for cls in vars(np.dtypes).values() if isinstance(cls, type) and issubclass(cls, np.dtype)]
+  dtypes_module = getattr(np, 'dtypes', None)  # numpy >= 1.25: the classes of dtype instances
+  dtype_classes = vars(dtypes_module).values() if dtypes_module is not None else []
+  allowed += [cls for cls in dtype_classes if isinstance(cls, type) and issubclass(cls, np.dtype)]
   # builtin types a defaultdict names as its factory, and containers pickled by reduction
   allowed += [(cls, f'builtins.{cls.__name__}') for cls in (list, dict, tuple, frozenset, int, float, str, bool,
                                                              bytes, slice)]
