@@ -217,12 +217,6 @@ class Encoders:
     return {'ids': np.asarray(ids, np.int32)[:count], 'semantic_features': np.asarray(decoded)[:count]}
 
 
-def _stored(name: str, value: np.ndarray, dtype: str) -> np.ndarray:
-  if np.issubdtype(value.dtype, np.floating) and name != 'motion_score':
-    return value.astype(shards._dtype(dtype))  # pylint: disable=protected-access
-  return value
-
-
 # --- shard jobs --------------------------------------------------------------------------------------------------
 
 
@@ -251,54 +245,63 @@ class Worker:
       return self.encode_shard(job)
     return self.add_tokenizer_fields(job.shard)
 
-  def _batches(self, groups: list[tuple[np.ndarray, dict[str, Any]]]) -> Iterator[list[tuple[np.ndarray, dict]]]:
-    for start in range(0, len(groups), self.batch):
-      yield groups[start:start + self.batch]
-
-  def encode_shard(self, job: Job) -> dict[str, Any]:
-    encoders = self._encoders()
-    skipped, pending, records = [], [], []
-    for name in job.videos:
+  def _groups(self, videos: Sequence[str], skipped: list[dict[str, str]]) -> Iterator[tuple[np.ndarray, dict]]:
+    """(clip, meta) of every group of `videos`, one video decoded at a time; bad videos go to `skipped`."""
+    for name in videos:
       try:
         clips = read_groups(os.path.join(self.src, name), self.settings)
       except Skip as e:
         skipped.append({'video': name, 'reason': str(e)})
         continue
       info = self.captions[name]
-      pending += [(clip, {'video': name, 'group': g, 'caption': info['caption'],
-                          'motion_score': info['motion_score']}) for g, clip in enumerate(clips)]
-    for chunk in self._batches(pending):
-      fields = encoders.groups(np.stack([clip for clip, _ in chunk]), [meta['caption'] for _, meta in chunk])
-      fields['motion_score'] = np.asarray([meta['motion_score'] for _, meta in chunk], np.float32)
-      if encoders.tokenizer is not None:
-        fields.update(encoders.semantic(fields['theia_features']))
-      for i, (_, meta) in enumerate(chunk):
-        arrays = {k: _stored(k, v[i], self.settings.dtype) for k, v in sorted(fields.items())}
-        records.append(shards.encode_record(arrays, meta))
-    return self._write(job.shard, records, skipped)
+      for g, clip in enumerate(clips):
+        yield clip, {'video': name, 'group': g, 'caption': info['caption'], 'motion_score': info['motion_score']}
+
+  def _batches(self, items: Iterator[Any]) -> Iterator[list[Any]]:
+    chunk = []
+    for item in items:
+      chunk.append(item)
+      if len(chunk) == self.batch:
+        yield chunk
+        chunk = []
+    if chunk:
+      yield chunk
+
+  def encode_shard(self, job: Job) -> dict[str, Any]:
+    encoders, skipped = self._encoders(), []
+    with shards.ShardWriter(self.dst, job.shard) as writer:
+      for chunk in self._batches(self._groups(job.videos, skipped)):
+        fields = encoders.groups(np.stack([clip for clip, _ in chunk]), [meta['caption'] for _, meta in chunk])
+        fields['motion_score'] = np.asarray([meta['motion_score'] for _, meta in chunk], np.float32)
+        if encoders.tokenizer is not None:
+          fields.update(encoders.semantic(fields['theia_features']))
+        for i, (_, meta) in enumerate(chunk):
+          writer.write(shards.encode_record({k: self._stored(k, v[i]) for k, v in sorted(fields.items())}, meta))
+      return self._finish(writer, skipped, with_ids=encoders.tokenizer is not None)
 
   def add_tokenizer_fields(self, shard: int) -> dict[str, Any]:
+    """Rewrites a finished shard with the ids (and decoded features) of the tokenizer, from its Theia features."""
     encoders = self._encoders()
-    old = shards.shard_meta(self.dst, shard)
-    decoded = [shards.decode_record(record) for record in shards.read_shard(self.dst, shard)]
-    records = []
-    for chunk in self._batches(decoded):
-      features = np.stack([arrays['theia_features'] for arrays, _ in chunk]).astype(np.float32)
-      fields = encoders.semantic(features)
-      for i, (arrays, meta) in enumerate(chunk):
-        arrays = dict(arrays, **{k: _stored(k, v[i], self.settings.dtype) for k, v in fields.items()})
-        records.append(shards.encode_record(dict(sorted(arrays.items())), meta))
-    return self._write(shard, records, old['skipped'])
+    skipped = shards.shard_meta(self.dst, shard)['skipped']
+    records = (shards.decode_record(record) for record in shards.read_shard(self.dst, shard, self.batch))
+    with shards.ShardWriter(self.dst, shard) as writer:
+      for chunk in self._batches(records):
+        fields = encoders.semantic(np.stack([arrays['theia_features'] for arrays, _ in chunk]).astype(np.float32))
+        for i, (arrays, meta) in enumerate(chunk):
+          arrays = dict(arrays, **{k: self._stored(k, v[i]) for k, v in fields.items()})
+          writer.write(shards.encode_record(dict(sorted(arrays.items())), meta))
+      return self._finish(writer, skipped, with_ids=True)
 
-  def _write(self, shard: int, records: list[bytes], skipped: list[dict[str, str]]) -> dict[str, Any]:
-    fields = {}
-    if records:
-      arrays, _ = shards.decode_record(records[0])
-      fields = {k: [v.dtype.name, list(v.shape)] for k, v in arrays.items()}
-    meta = {'file': f'{shards.shard_name(shard)}.array_record', 'fields': fields, 'skipped': skipped,
-            'tokenizer': self.tokenizer_id if 'ids' in fields or not records else ''}
-    shards.write_shard(self.dst, shard, records, meta)
-    return dict(meta, shard=shard, rows=len(records))
+  def _stored(self, name: str, value: np.ndarray) -> np.ndarray:
+    """Floating fields in the store's dtype (the motion score stays float32)."""
+    if np.issubdtype(value.dtype, np.floating) and name != 'motion_score':
+      return value.astype(shards._dtype(self.settings.dtype))  # pylint: disable=protected-access
+    return value
+
+  def _finish(self, writer: shards.ShardWriter, skipped: list[dict[str, str]], with_ids: bool) -> dict[str, Any]:
+    # a shard that holds no groups needs no ids: it is finished for any tokenizer
+    meta = writer.finish({'skipped': skipped, 'tokenizer': self.tokenizer_id if with_ids or not writer.rows else ''})
+    return meta
 
 
 _WORKER: Worker | None = None

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -79,30 +79,51 @@ def shard_name(index: int) -> str:
   return f'shard-{index:05d}'
 
 
-def write_shard(directory: str, index: int, records: Sequence[bytes], meta: Mapping[str, Any]) -> None:
-  """Writes shard `index` (its records, then the JSON that marks it finished), each under a temporary name renamed
-  into place, so a killed writer leaves at most an unmarked shard that the next run writes again."""
-  from array_record.python import array_record_module
-  base = os.path.join(directory, shard_name(index))
-  tmp = f'{base}.array_record.tmp-{os.getpid()}'
-  try:
-    writer = array_record_module.ArrayRecordWriter(tmp, 'group_size:1')
-    for record in records:
-      writer.write(record)
-    writer.close()
-    os.replace(tmp, f'{base}.array_record')
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  write_json(f'{base}.json', dict(meta, rows=len(records)))
+class ShardWriter:
+  """Writes shard `index` record by record under a temporary name; `finish(meta)` renames it into place and then
+  writes the JSON that marks it finished, so a killed writer leaves at most an unmarked shard that the next run
+  writes again. Leaving the block without `finish` removes the temporary file."""
+
+  def __init__(self, directory: str, index: int):
+    self.base = os.path.join(directory, shard_name(index))
+    self.tmp = f'{self.base}.array_record.tmp-{os.getpid()}'
+    self.rows, self.fields = 0, {}
+    self.writer = None
+
+  def __enter__(self) -> 'ShardWriter':
+    from array_record.python import array_record_module
+    self.writer = array_record_module.ArrayRecordWriter(self.tmp, 'group_size:1')
+    return self
+
+  def write(self, record: bytes) -> None:
+    if not self.rows:
+      arrays, _ = decode_record(record)
+      self.fields = {k: [v.dtype.name, list(v.shape)] for k, v in arrays.items()}
+    self.writer.write(record)
+    self.rows += 1
+
+  def finish(self, meta: Mapping[str, Any]) -> dict[str, Any]:
+    self.writer.close()
+    os.replace(self.tmp, f'{self.base}.array_record')
+    meta = dict(meta, file=f'{os.path.basename(self.base)}.array_record', rows=self.rows, fields=self.fields)
+    write_json(f'{self.base}.json', meta)
+    return meta
+
+  def __exit__(self, *exc: Any) -> None:
+    if self.writer is not None and self.writer.is_open():
+      self.writer.close()
+    if os.path.exists(self.tmp):
+      os.remove(self.tmp)
 
 
-def read_shard(directory: str, index: int) -> list[bytes]:
-  """Every record of a shard, in order."""
+def read_shard(directory: str, index: int, chunk: int = 16) -> Iterator[bytes]:
+  """Every record of a shard, in order, `chunk` at a time from disk."""
   from array_record.python import array_record_module
   reader = array_record_module.ArrayRecordReader(os.path.join(directory, f'{shard_name(index)}.array_record'))
   try:
-    return list(reader.read_all())
+    total = reader.num_records()
+    for start in range(0, total, chunk):
+      yield from reader.read(start, min(start + chunk, total))
   finally:
     reader.close()
 
