@@ -236,7 +236,7 @@ def cmd_prepare(args, config) -> int:
                                       overwrite=args.overwrite)
     else:
       result = prepare.assemble(args.models, args.dst, config, overwrite=args.overwrite)
-  except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError, ImportError, CheckpointError) as e:
     print(f'landiff-jax: error: {e}', file=sys.stderr)
     return 1
   print(f'prepare {args.step}: {json.dumps(result)}')

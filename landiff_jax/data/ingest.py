@@ -412,9 +412,9 @@ def _finish(dst: str, num_shards: int, uncaptioned: list[dict[str, str]], writte
   done = [meta for meta in metas if meta is not None]
   skipped = sorted(uncaptioned + [bad for meta in done for bad in meta['skipped']], key=lambda bad: bad['video'])
   rows = sum(meta['rows'] for meta in done)
-  summary = {'shards': num_shards, 'finished': len(done), 'written': written, 'groups': rows,
-             'skipped': len(skipped)}
+  summary = {'shards': num_shards, 'finished': len(done), 'groups': rows, 'skipped': len(skipped)}
   shards.write_json(os.path.join(dst, REPORT_FILE), dict(summary, skipped=skipped))
+  summary['written'] = written
   for bad in skipped:
     print(f'skipped {bad["video"]}: {bad["reason"]}', file=log)
   if len(done) < num_shards:

@@ -46,6 +46,15 @@ STAGE_FIELDS: dict[str, dict[str, str]] = {
 TOKENIZER_FIELDS = ('ids', 'semantic_features')
 
 
+def _array_record() -> Any:
+  try:
+    from array_record.python import array_record_module
+  except ImportError:
+    raise ImportError('shard stores need the array_record package (installed with grain on Linux); '
+                      '`pip install array-record`.') from None
+  return array_record_module
+
+
 def _dtype(name: str) -> np.dtype:
   return np.dtype(ml_dtypes.bfloat16) if name == 'bfloat16' else np.dtype(name)
 
@@ -91,8 +100,7 @@ class ShardWriter:
     self.writer = None
 
   def __enter__(self) -> 'ShardWriter':
-    from array_record.python import array_record_module
-    self.writer = array_record_module.ArrayRecordWriter(self.tmp, 'group_size:1')
+    self.writer = _array_record().ArrayRecordWriter(self.tmp, 'group_size:1')
     return self
 
   def write(self, record: bytes) -> None:
@@ -118,8 +126,7 @@ class ShardWriter:
 
 def read_shard(directory: str, index: int, chunk: int = 16) -> Iterator[bytes]:
   """Every record of a shard, in order, `chunk` at a time from disk."""
-  from array_record.python import array_record_module
-  reader = array_record_module.ArrayRecordReader(os.path.join(directory, f'{shard_name(index)}.array_record'))
+  reader = _array_record().ArrayRecordReader(os.path.join(directory, f'{shard_name(index)}.array_record'))
   try:
     total = reader.num_records()
     for start in range(0, total, chunk):
@@ -138,6 +145,14 @@ def shard_meta(directory: str, index: int) -> dict[str, Any] | None:
 
 
 def write_json(path: str, value: Any) -> None:
+  """Writes `value` as JSON atomically, unless `path` already holds it."""
+  if os.path.isfile(path):
+    with open(path, encoding='utf-8') as f:
+      try:
+        if json.load(f) == json.loads(json.dumps(value)):
+          return
+      except json.JSONDecodeError:
+        pass
   tmp = f'{path}.tmp-{os.getpid()}'
   with open(tmp, 'w', encoding='utf-8') as f:
     json.dump(value, f, indent=1, sort_keys=True)
@@ -192,6 +207,7 @@ def open_source(directory: str, fields: Mapping[str, str]) -> grain.MapDataset:
   paths = [os.path.join(directory, shard['file']) for shard in index['shards'] if shard['rows']]
   if not paths:
     raise ValueError(f'the shards at {directory!r} hold no examples; see the skipped videos in its report.json.')
+  _array_record()
   source = grain.sources.ArrayRecordDataSource(paths)
   if len(source) != index['rows']:
     raise ValueError(f'the shards at {directory!r} hold {len(source)} records, its {INDEX_FILE} says '
