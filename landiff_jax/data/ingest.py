@@ -300,8 +300,7 @@ class Worker:
 
   def _finish(self, writer: shards.ShardWriter, skipped: list[dict[str, str]], with_ids: bool) -> dict[str, Any]:
     # a shard that holds no groups needs no ids: it is finished for any tokenizer
-    meta = writer.finish({'skipped': skipped, 'tokenizer': self.tokenizer_id if with_ids or not writer.rows else ''})
-    return meta
+    return writer.finish({'skipped': skipped, 'tokenizer': self.tokenizer_id if with_ids or not writer.rows else ''})
 
 
 _WORKER: Worker | None = None
@@ -400,9 +399,16 @@ def _run_jobs(worker: Worker, jobs: list[Job], workers: int) -> Iterator[dict[st
     for job in jobs:
       yield worker(job)
     return
-  # several processes may share one accelerator: none takes most of its memory up front
+  # several processes may share one accelerator: none takes most of its memory up front (the workers inherit the
+  # environment when they start)
+  before = os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE')
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
-  with multiprocessing.get_context('spawn').Pool(min(workers, len(jobs)), _init_process, (worker,)) as pool:
+  try:
+    pool = multiprocessing.get_context('spawn').Pool(min(workers, len(jobs)), _init_process, (worker,))
+  finally:
+    if before is None:
+      del os.environ['XLA_PYTHON_CLIENT_PREALLOCATE']
+  with pool:
     yield from pool.imap_unordered(_run_job, jobs)
 
 
