@@ -569,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     if name == 'prepare':
       command.add_argument('step',
                            choices=['videos', 'semantics', 'frozen', 'encode', 'tokens', 'assemble', 'dataset'],
-                           help='see landiff_jax/data/prepare.py')
+                           help='see landiff_jax/data/prepare.py (dataset: landiff_jax/data/ingest.py)')
       command.add_argument('--dst', required=True, help='directory to write (replaced only with --overwrite)')
       command.add_argument('--src', default='', help='encode: the videos; tokens: the output of encode; '
                            'dataset: a folder of video files (mp4, webm, gif)')

@@ -300,7 +300,8 @@ def losses_of(task, devices):
 
 
 # the control branch's step compiles for long on many simulated devices: it trains on one
-@pytest.mark.parametrize('task_class, make_config, devices', [(LMTask, lm_config, 8), (DiffusionTask, diffusion_config, 1)])
+@pytest.mark.parametrize('task_class, make_config, devices',
+                         [(LMTask, lm_config, 8), (DiffusionTask, diffusion_config, 1)])
 def test_training_from_the_shards_resumes_exactly(store, tmp_path, task_class, make_config, devices):
   """Six steps in one go; then a run whose step-3 checkpoint (model, optimizer, data position) is all it has."""
   dst, _ = store
@@ -320,3 +321,20 @@ def test_npz_directories_still_work(tmp_path):
              text_length=np.int32(2), motion_score=np.float32(0.1))
   dataset = LMTask(lm_config(str(tmp_path), 'unused')).dataset()
   assert len(dataset) == 2 and dataset[1]['ids'][0] == 1
+
+
+def test_gif_and_webm_are_read_and_every_clip_is_resampled_to_the_frame_rate(tmp_path):
+  import imageio.v3 as iio
+  clip = shapes.render(shapes.sample_spec(1, 0), 20, 32, 48)
+  write_video(str(tmp_path / 'a.gif'), clip, fps=8)  # GIFs keep centiseconds: 120 ms a frame, 8.3 fps
+  iio.imwrite(tmp_path / 'a.webm', clip, fps=16, codec='libvpx-vp9', macro_block_size=1)
+  write_video(str(tmp_path / 'a.mp4'), clip, fps=24)
+  settings = ingest.Settings(num_frames=9, height=32, width=48, fps=8.0, dtype='float32')
+  gif = ingest.read_groups(str(tmp_path / 'a.gif'), settings)
+  assert gif.shape == (2, 9, 32, 48, 3) and np.abs(gif[0].astype(int) - clip[:9]).mean() < 8
+  webm = ingest.read_groups(str(tmp_path / 'a.webm'), settings)  # 20 frames at 16 fps: every other one
+  assert webm.shape == (1, 9, 32, 48, 3) and np.abs(webm[0].astype(int) - clip[0:18:2]).mean() < 12
+  with pytest.raises(ingest.Skip, match='too short: 7 frames at 8 fps'):  # 20 frames at 24 fps: 0.83 s
+    ingest.read_groups(str(tmp_path / 'a.mp4'), settings)
+  assert [ingest.frame_times(24, 8, i) for i in range(6)] == [1, 0, 0, 1, 0, 0]
+  assert [ingest.frame_times(4, 8, i) for i in range(3)] == [1, 2, 2]  # output k shows frame round_half_up(k/2)
