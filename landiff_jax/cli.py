@@ -587,7 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
       command.add_argument('--captions', default='', help='dataset: captions of the videos in --src (.jsonl or .csv '
                            'with the fields video, caption and optionally motion_score)')
       command.add_argument('--videos-per-shard', type=int, default=64, help='dataset: videos per shard')
-      command.add_argument('--batch', type=int, default=4, help='dataset: groups encoded per model call')
+      command.add_argument('--batch', type=int, default=2,
+                           help='dataset: groups encoded per model call (the VAE encoder takes ~13 GiB of '
+                           'temporaries per 49-frame 480x720 group)')
       command.add_argument('--fps', type=float, default=8.0,
                            help='dataset: frame rate the videos are resampled to (the release: 8; 0: every frame)')
       command.add_argument('--dtype', default='', help='dataset: dtype of stored features and latents (default: '

@@ -22,9 +22,12 @@ that cannot be decoded, are too short for one group or have no caption are skipp
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import csv
 import dataclasses
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -40,6 +43,7 @@ from landiff_jax.data import shards
 VIDEO_EXTENSIONS = ('.mp4', '.webm', '.gif', '.mov', '.mkv', '.avi')
 PLAN_FILE = 'plan.json'
 REPORT_FILE = 'report.json'
+DECODE_AHEAD = 2  # videos decoded ahead of the one being encoded
 MODEL_PARTS = ('vae', 'theia', 't5_lm', 't5_dit', 't5_lm_tokenizer', 't5_dit_tokenizer')
 
 
@@ -246,16 +250,28 @@ class Worker:
     return self.add_tokenizer_fields(job.shard)
 
   def _groups(self, videos: Sequence[str], skipped: list[dict[str, str]]) -> Iterator[tuple[np.ndarray, dict]]:
-    """(clip, meta) of every group of `videos`, one video decoded at a time; bad videos go to `skipped`."""
-    for name in videos:
-      try:
-        clips = read_groups(os.path.join(self.src, name), self.settings)
-      except Skip as e:
-        skipped.append({'video': name, 'reason': str(e)})
-        continue
-      info = self.captions[name]
-      for g, clip in enumerate(clips):
-        yield clip, {'video': name, 'group': g, 'caption': info['caption'], 'motion_score': info['motion_score']}
+    """(clip, meta) of every group of `videos`; bad videos go to `skipped`. The next DECODE_AHEAD videos are
+    decoded in threads (ffmpeg runs in its own process, PIL resizes without the GIL) while the models run."""
+    with concurrent.futures.ThreadPoolExecutor(DECODE_AHEAD) as pool:
+      pending = collections.deque()
+      names = iter(videos)
+      for name in itertools.islice(names, DECODE_AHEAD):
+        pending.append((name, pool.submit(read_groups, os.path.join(self.src, name), self.settings)))
+      while pending:
+        name, future = pending.popleft()
+        for following in itertools.islice(names, 1):
+          pending.append((following, pool.submit(read_groups, os.path.join(self.src, following), self.settings)))
+        yield from self._video_groups(name, future, skipped)
+
+  def _video_groups(self, name: str, future: Any, skipped: list[dict[str, str]]) -> Iterator[tuple[np.ndarray, dict]]:
+    try:
+      clips = future.result()
+    except Skip as e:
+      skipped.append({'video': name, 'reason': str(e)})
+      return
+    info = self.captions[name]
+    for g, clip in enumerate(clips):
+      yield clip, {'video': name, 'group': g, 'caption': info['caption'], 'motion_score': info['motion_score']}
 
   def _batches(self, items: Iterator[Any]) -> Iterator[list[Any]]:
     chunk = []
@@ -346,7 +362,7 @@ def _parse_part(part: str) -> tuple[int, int]:
 
 
 def prepare_dataset(src: str, captions_file: str, models: str, dst: str, config: Any, *, workers: int = 1,
-                    videos_per_shard: int = 64, batch: int = 4, fps: float = 8.0, dtype: str = '', part: str = '0/1',
+                    videos_per_shard: int = 64, batch: int = 2, fps: float = 8.0, dtype: str = '', part: str = '0/1',
                     overwrite: bool = False, log: Any = None) -> dict[str, Any]:
   """Encodes what is missing of the store `dst` (see the module docstring). `workers` processes (1: this one) take
   shards in turn; `part` 'I/N' restricts this run to shards I, I+N, ... (one run per host or per accelerator, all
