@@ -21,7 +21,7 @@ import pytest
 from landiff_jax import checkpoints, cli
 from landiff_jax.config import load_config
 from landiff_jax.data import ingest, pipeline, prepare, shapes, shards
-from landiff_jax.data.video import write_video
+from landiff_jax.data.video import _ffmpeg_subprocess, write_video
 from landiff_jax.models import tokenizer as tokenizer_model
 from landiff_jax.parallel import make_mesh
 from landiff_jax.parallel.sharding import strip_partitioning
@@ -327,7 +327,8 @@ def test_gif_and_webm_are_read_and_every_clip_is_resampled_to_the_frame_rate(tmp
   import imageio.v3 as iio
   clip = shapes.render(shapes.sample_spec(1, 0), 20, 32, 48)
   write_video(str(tmp_path / 'a.gif'), clip, fps=8)  # GIFs keep centiseconds: 120 ms a frame, 8.3 fps
-  iio.imwrite(tmp_path / 'a.webm', clip, fps=16, codec='libvpx-vp9', macro_block_size=1)
+  with _ffmpeg_subprocess():
+    iio.imwrite(tmp_path / 'a.webm', clip, fps=16, codec='libvpx-vp9', macro_block_size=1)
   write_video(str(tmp_path / 'a.mp4'), clip, fps=24)
   settings = ingest.Settings(num_frames=9, height=32, width=48, fps=8.0, dtype='float32')
   gif = ingest.read_groups(str(tmp_path / 'a.gif'), settings)

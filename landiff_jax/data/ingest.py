@@ -252,7 +252,9 @@ class Worker:
   def _groups(self, videos: Sequence[str], skipped: list[dict[str, str]]) -> Iterator[tuple[np.ndarray, dict]]:
     """(clip, meta) of every group of `videos`; bad videos go to `skipped`. The next DECODE_AHEAD videos are
     decoded in threads (ffmpeg runs in its own process, PIL resizes without the GIL) while the models run."""
-    with concurrent.futures.ThreadPoolExecutor(DECODE_AHEAD) as pool:
+    from landiff_jax.data.video import _ffmpeg_subprocess
+    # catch_warnings is not thread-safe: the filter holds here, around every thread's own
+    with _ffmpeg_subprocess(), concurrent.futures.ThreadPoolExecutor(DECODE_AHEAD) as pool:
       pending = collections.deque()
       names = iter(videos)
       for name in itertools.islice(names, DECODE_AHEAD):
