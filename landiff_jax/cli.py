@@ -256,9 +256,15 @@ def cmd_prepare(args, config) -> int:
       result = prepare.encode(args.src, args.models, args.dst, config, overwrite=args.overwrite)
     elif args.step == 'tokens':
       result = prepare.tokens(args.src, args.models, args.dst, overwrite=args.overwrite)
+    elif args.step == 'dataset':
+      from landiff_jax.data import ingest
+      result = ingest.prepare_dataset(args.src, args.captions, args.models, args.dst, config,
+                                      workers=args.workers or 1, videos_per_shard=args.videos_per_shard,
+                                      batch=args.batch, fps=args.fps, dtype=args.dtype, part=args.part,
+                                      overwrite=args.overwrite)
     else:
       result = prepare.assemble(args.models, args.dst, config, overwrite=args.overwrite)
-  except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError, ImportError, CheckpointError) as e:
     print(f'landiff-jax: error: {e}', file=sys.stderr)
     return 1
   print(f'prepare {args.step}: {json.dumps(result)}')
@@ -517,7 +523,7 @@ COMMANDS = {
     'train': (cmd_train, 'train one stage (vae, theia, tokenizer, lm, backbone, diffusion) with the sharded training '
                          'loop'),
     'prepare': (cmd_prepare, 'a data-preparation step of the demo recipe (videos, semantics, frozen, encode, tokens, '
-                             'assemble)'),
+                             'assemble), or `dataset`: video files and captions to shards for real training'),
     'export': (cmd_export, 'a training run\'s latest checkpoint as a model directory'),
     'eval': (cmd_eval, 'score prompt following with an analytic detector (shapes: the built-in demo)'),
     'plan': (cmd_plan, 'per-device memory and FLOPs of a training step on a mesh, compiled ahead of time'),
@@ -599,19 +605,35 @@ def build_parser() -> argparse.ArgumentParser:
     if name == 'train':
       command.add_argument('stage', choices=sorted(TRAIN_TASKS), help='which stage to train')
     if name == 'prepare':
-      command.add_argument('step', choices=['videos', 'semantics', 'frozen', 'encode', 'tokens', 'assemble'],
-                           help='see landiff_jax/data/prepare.py')
+      command.add_argument('step',
+                           choices=['videos', 'semantics', 'frozen', 'encode', 'tokens', 'assemble', 'dataset'],
+                           help='see landiff_jax/data/prepare.py (dataset: landiff_jax/data/ingest.py)')
       command.add_argument('--dst', required=True, help='directory to write (replaced only with --overwrite)')
-      command.add_argument('--src', default='', help='encode: the videos; tokens: the output of encode')
-      command.add_argument('--models', default='', help='encode, tokens, assemble: the model directories so far')
+      command.add_argument('--src', default='', help='encode: the videos; tokens: the output of encode; '
+                           'dataset: a folder of video files (mp4, webm, gif)')
+      command.add_argument('--models', default='', help='encode, tokens, assemble: the model directories so far; '
+                           'dataset: theia, vae, t5_lm, t5_dit (+ tokenizers) and optionally tokenizer')
       command.add_argument('--num', type=int, default=1000, help='videos, semantics: how many')
       command.add_argument('--seed', type=int, default=0,
                            help='videos, semantics: dataset seed; frozen: initialisation seed')
       command.add_argument('--frames', type=int, default=0,
                            help='videos, semantics: frames per clip (default video.num_frames)')
       command.add_argument('--workers', type=int, default=0,
-                           help='videos, semantics: rendering processes (0: one per CPU)')
+                           help='videos, semantics: rendering processes (0: one per CPU); dataset: '
+                           'encoding processes (0: 1)')
       command.add_argument('--overwrite', action='store_true', help='replace an existing --dst')
+      command.add_argument('--captions', default='', help='dataset: captions of the videos in --src (.jsonl or .csv '
+                           'with the fields video, caption and optionally motion_score)')
+      command.add_argument('--videos-per-shard', type=int, default=64, help='dataset: videos per shard')
+      command.add_argument('--batch', type=int, default=2,
+                           help='dataset: groups encoded per model call (the VAE encoder takes ~13 GiB of '
+                           'temporaries per 49-frame 480x720 group)')
+      command.add_argument('--fps', type=float, default=8.0,
+                           help='dataset: frame rate the videos are resampled to (the release: 8; 0: every frame)')
+      command.add_argument('--dtype', default='', help='dataset: dtype of stored features and latents (default: '
+                           'the config\'s storage_dtype)')
+      command.add_argument('--part', default='0/1', help='dataset: I/N: only shards I, I+N, ... (one run per host '
+                           'or accelerator, all writing the same --dst)')
     if name == 'export':
       command.add_argument('stage', choices=sorted(TRAIN_TASKS), help='the stage the run trained')
       command.add_argument('--workdir', required=True, help='the run\'s train.workdir')
