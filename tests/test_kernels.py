@@ -244,3 +244,35 @@ def test_bench_attention_reports_every_path(tmp_path, monkeypatch):
     assert entry['paths']['pallas']['forward_backward']['median_s'] > 0
     assert entry['paths']['xla']['time_vs_pallas']['forward'] > 0
   assert cases['lm_causal_b2']['blocks_skipped'] == 0  # 40 tokens fit one 128-row block
+
+
+def test_tiles_come_from_the_table_and_every_candidate_equals_xla():
+  from landiff_jax.kernels import flash_attention as fa
+  assert fa.tiles_for(64, 'frame_causal_decoder') == fa.TUNED_TILES[(64, 'frame_causal_decoder')]
+  assert fa.tiles_for(128, 'full') == fa.Tiles(64, 64, 8, 2)  # not in the table: the head dim's default
+  spec = MaskSpec.decoder(MID)
+  q, k, v = (jax.random.normal(key, (1, MID.length, 2, 16)) for key in jax.random.split(jax.random.key(5), 3))
+  want = attention_lib.xla_attention(q, k, v, spec, scale=0.25)
+  for tiles in (fa.Tiles(32, 16, 4, 2), fa.Tiles(16, 32, 8, 3)):
+    got = fa.flash_attention(q, k, v, spec, scale=0.25, tiles=tiles, interpret=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_bench_attention_sweep_times_each_candidate_and_prints_the_table(tmp_path, monkeypatch):
+  import json
+  from landiff_jax.cli import main
+  from landiff_jax.kernels import flash_attention as fa
+  monkeypatch.setenv(attention_lib.INTERPRET_ENV, '1')
+  monkeypatch.setitem(fa.SWEEP_TILES, 16, (fa.Tiles(16, 16, 4, 2), fa.Tiles(32, 16, 4, 3), fa.Tiles(16, 32, 8, 2)))
+  out = tmp_path / 'sweep.json'
+  assert main(['bench', 'attention', '--config=configs/tiny.py', '--repeats', '1', '--dtype', 'float32',
+               '--tokens', '40', '--no-reference', '--sweep', '2', '--out', str(out)]) == 0
+  result = json.loads(out.read_text())
+  for entry in result['cases'].values():
+    assert {'pallas_16x16_w4_s2', 'pallas_32x16_w4_s3'} <= set(entry['paths'])  # the first 2 candidates only
+    assert 'pallas_16x32_w8_s2' not in entry['paths']
+    assert entry['paths']['pallas_16x16_w4_s2']['forward_backward']['median_s'] > 0
+    assert 'skipped' in entry['paths']['cudnn']
+  assert set(result['best_tiles']) == {'16/frame_causal_encoder', '16/frame_causal_decoder', '16/causal'}
+  assert result['best_tiles']['16/causal']['line'].startswith("(16, 'causal'): Tiles(")
+  assert result['table'].count('\n') == 2 + 5 * 3 - 1  # header, separator, 5 cases × (2 candidates + cudnn)
