@@ -227,33 +227,51 @@ def _tile_name(tiles: Any) -> str:
   return f'pallas_{tiles.block_q}x{tiles.block_k}_w{tiles.num_warps}_s{tiles.num_stages}'
 
 
+def _candidates(case: dict, limit: int | None) -> list:
+  """The tuned tiles of this case first, then the other candidates of its head dim; the first `limit`."""
+  tuned = flash_attention.tiles_for(case['head_dim'], case['spec'].kind)
+  others = [t for t in flash_attention.SWEEP_TILES.get(case['head_dim'], ()) if t != tuned]
+  return [tuned, *others][:limit]
+
+
 def run_sweep(config: Any, options: Any) -> dict:
-  """The kernel over its candidate tiles on every case, next to cuDNN (dense mask) and FlexAttention."""
+  """The kernel over its candidate tiles on every case, next to cuDNN (dense mask) and FlexAttention.
+
+  Breadth first, so a time limit still leaves every case compared: first each case's tuned tiles, cuDNN and
+  FlexAttention, then the other candidates case by case."""
   dtype = jnp.dtype(options.dtype)
   limit = options.sweep or None
   result = dict(benchmark='attention tile sweep (Pallas candidates vs cuDNN dense-masked and FlexAttention)',
                 dtype=options.dtype, device=str(jax.devices()[0].device_kind), jax=jax.__version__, cases={})
   out = getattr(options, 'out', '')
-  for case in cases(config, options.tokens):
-    flop = model_flops(case)
-    entry = result['cases'][case['name']] = _case_entry(case, flop)
+  all_cases = cases(config, options.tokens)
+  work = {}
+  for case in all_cases:
+    work[case['name']] = model_flops(case)
+    result['cases'][case['name']] = _case_entry(case, work[case['name']])
+
+  def pallas(case, tiles):
     q_struct = jax.ShapeDtypeStruct((case['batch'], case['length'], case['heads'], case['head_dim']), dtype)
-    candidates = flash_attention.SWEEP_TILES.get(case['head_dim'],
-                                                 (flash_attention.tiles_for(case['head_dim'], ''),))[:limit]
     reason = _skip_reason('pallas', q_struct)
-    for tiles in candidates:
-      name = _tile_name(tiles)
-      entry['paths'][name] = ({'skipped': reason} if reason else
-                              _measure(lambda: run_jax_path('pallas', case, dtype, options.repeats, flop, tiles)))
-      _write(result, out)
-    if jax.default_backend() == 'gpu' and dtype in (jnp.bfloat16, jnp.float16):
-      entry['paths']['cudnn'] = _measure(lambda: run_jax_path('jax_nn', case, dtype, options.repeats, flop))
-    else:
-      entry['paths']['cudnn'] = {'skipped': 'cuDNN attention needs a CUDA GPU and bf16/fp16 inputs'}
+    flop = work[case['name']]
+    result['cases'][case['name']]['paths'][_tile_name(tiles)] = (
+        {'skipped': reason} if reason else
+        _measure(lambda: run_jax_path('pallas', case, dtype, options.repeats, flop, tiles)))
     _write(result, out)
+
+  for case in all_cases:
+    paths, flop = result['cases'][case['name']]['paths'], work[case['name']]
+    pallas(case, _candidates(case, limit)[0])
+    if jax.default_backend() == 'gpu' and dtype in (jnp.bfloat16, jnp.float16):
+      paths['cudnn'] = _measure(lambda: run_jax_path('jax_nn', case, dtype, options.repeats, flop))
+    else:
+      paths['cudnn'] = {'skipped': 'cuDNN attention needs a CUDA GPU and bf16/fp16 inputs'}
     if options.reference:
-      entry['paths']['flex_attention'] = _measure(lambda: run_flex(case, options.dtype, options.repeats, flop))
-      _write(result, out)
+      paths['flex_attention'] = _measure(lambda: run_flex(case, options.dtype, options.repeats, flop))
+    _write(result, out)
+  for case in all_cases:
+    for tiles in _candidates(case, limit)[1:]:
+      pallas(case, tiles)
   result['best_tiles'] = best_tiles(result['cases'])
   result['table'] = sweep_table(result['cases'])
   _write(result, out)
