@@ -72,7 +72,7 @@ def rates(flop: float, result: dict) -> dict:
   for phase, work in (('forward', flop), ('forward_backward', flop * FORWARD_BACKWARD_FLOPS)):
     seconds = result.get(phase, {}).get('median_s')
     if seconds:
-      out[f'{phase}_tflops'] = round(work / seconds / 1e12, 3)
+      out[f'{phase}_tflops'] = float(f'{work / seconds / 1e12:.4g}')
       mfu = flops.mfu(work, seconds)
       out[f'{phase}_mfu'] = None if mfu is None else round(mfu, 4)
   return out

@@ -23,7 +23,7 @@ def utilisation(work: float, timing: dict) -> dict:
   """TFLOP of the step (analytic), TFLOP/s and MFU (None where the device's peak is unknown) for one timing."""
   seconds = timing['median_s']
   mfu = flops.mfu(work, seconds)
-  return dict(tflop=round(work / 1e12, 3), tflops=round(work / seconds / 1e12, 2),
+  return dict(tflop=float(f'{work / 1e12:.4g}'), tflops=float(f'{work / seconds / 1e12:.4g}'),
               mfu=None if mfu is None else round(mfu, 4))
 
 

@@ -71,7 +71,7 @@ def run_jax(config: Any, options: Any, text: np.ndarray) -> dict:
   work = flops.lm_generate(config, 2, prefix, steps)
   result = dict(first_call_s=round(first, 3), total_s=round(total, 4), prefill_s=round(prefill_s, 4),
                 per_token_ms=round(1e3 * per_token, 4), positions=steps, parameters=parameter_count(params),
-                tflop=round(work / 1e12, 4), peak_gib=gib(device_peak_bytes()))
+                tflop=float(f'{work / 1e12:.4g}'), peak_gib=gib(device_peak_bytes()))
   utilisation = flops.mfu(work, total)
   if utilisation is not None:
     result['mfu'] = round(utilisation, 5)

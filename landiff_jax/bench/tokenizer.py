@@ -41,7 +41,7 @@ def run_backend(config: Any, options: Any, backend: str, features: np.ndarray) -
                       ('decode', flops.tokenizer_decode(config, options.batch))):
     seconds = result[phase]['median_s']
     mfu = flops.mfu(work, seconds)
-    result[phase].update(tflop=round(work / 1e12, 4), tflops=round(work / seconds / 1e12, 3),
+    result[phase].update(tflop=float(f'{work / 1e12:.4g}'), tflops=float(f'{work / seconds / 1e12:.4g}'),
                          mfu=None if mfu is None else round(mfu, 4))
   result['tokens'] = int(ids.shape[1])
   result['peak_gib'] = gib(device_peak_bytes())
