@@ -16,6 +16,7 @@ every measurement (a time limit loses nothing already measured) and prints a mar
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -224,7 +225,8 @@ def run(config: Any, options: Any) -> dict:
 
 
 def _tile_name(tiles: Any) -> str:
-  return f'pallas_{tiles.block_q}x{tiles.block_k}_w{tiles.num_warps}_s{tiles.num_stages}'
+  return (f'pallas_{tiles.block_q}x{tiles.block_k}_w{tiles.num_warps}_s{tiles.num_stages}'
+          f'{"_heavy_first" if tiles.heavy_first else ""}')
 
 
 def _candidates(case: dict, limit: int | None) -> list:
@@ -254,9 +256,10 @@ def run_sweep(config: Any, options: Any) -> dict:
     q_struct = jax.ShapeDtypeStruct((case['batch'], case['length'], case['heads'], case['head_dim']), dtype)
     reason = _skip_reason('pallas', q_struct)
     flop = work[case['name']]
-    result['cases'][case['name']]['paths'][_tile_name(tiles)] = (
+    result['cases'][case['name']]['paths'][_tile_name(tiles)] = dict(
         {'skipped': reason} if reason else
-        _measure(lambda: run_jax_path('pallas', case, dtype, options.repeats, flop, tiles)))
+        _measure(lambda: run_jax_path('pallas', case, dtype, options.repeats, flop, tiles)),
+        tiles=dataclasses.asdict(tiles))
     _write(result, out)
 
   for case in all_cases:
@@ -284,23 +287,26 @@ def _median(entry: dict, phase: str) -> float | None:
 
 
 def best_tiles(sweep_cases: dict) -> dict:
-  """Per (head dim, mask kind): the candidate with the least forward+backward time summed over the cases that
-  timed every candidate, as the `TUNED_TILES` line to paste."""
-  groups: dict[tuple[int, str], dict[str, float]] = {}
+  """Per (head dim, mask kind): the candidate with the least forward+backward time summed over its cases, as the
+  `TUNED_TILES` line to paste (only candidates timed on every case of the group compete)."""
+  groups: dict[tuple[int, str], dict[str, list]] = {}
   for entry in sweep_cases.values():
     key = (entry['shape']['head_dim'], entry['mask'])
     for name, timing in entry['paths'].items():
-      seconds = _median(timing, 'forward_backward')
-      if name.startswith('pallas_') and seconds:
-        groups.setdefault(key, {}).setdefault(name, 0.0)
-        groups[key][name] += seconds
+      if 'tiles' in timing:
+        groups.setdefault(key, {}).setdefault(name, []).append(_median(timing, 'forward_backward'))
   best = {}
-  for (head_dim, kind), totals in groups.items():
-    name = min(totals, key=totals.get)
-    bq, bk = (int(x) for x in name.split('_')[1].split('x'))
-    warps, stages = int(name.split('_w')[1].split('_')[0]), int(name.split('_s')[-1])
-    best[f'{head_dim}/{kind}'] = dict(tiles=name, seconds=round(totals[name], 5),
-                                      line=f"({head_dim}, '{kind}'): Tiles({bq}, {bk}, {warps}, {stages}),")
+  for (head_dim, kind), timings in groups.items():
+    complete = {name: sum(t) for name, t in timings.items()
+                if all(t) and len(t) == max(len(x) for x in timings.values())}
+    if not complete:
+      continue
+    name = min(complete, key=complete.get)
+    tiles = next(e['paths'][name]['tiles'] for e in sweep_cases.values() if name in e['paths'])
+    fields = ', '.join(str(tiles[f]) for f in ('block_q', 'block_k', 'num_warps', 'num_stages'))
+    fields += ', True' if tiles.get('heavy_first') else ''
+    best[f'{head_dim}/{kind}'] = dict(tiles=name, seconds=round(complete[name], 5),
+                                      line=f"({head_dim}, '{kind}'): Tiles({fields}),")
   return best
 
 

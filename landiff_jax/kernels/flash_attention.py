@@ -46,6 +46,7 @@ class KernelConfig:
   block_k: int
   num_warps: int
   num_stages: int
+  heavy_first: bool
   masked_keys: bool  # a runtime kv_valid is given: every visited block is partial
   interpret: bool
 
@@ -56,6 +57,11 @@ class KernelConfig:
   @property
   def kv_padded(self) -> int:
     return -(-self.kv_len // self.block_k) * self.block_k
+
+  def row(self, index):
+    """Query block of grid index `index` in the forward and dq kernels: in reverse with `heavy_first` (under
+    causal-like masks the last rows visit the most blocks, and launching them first shortens the tail)."""
+    return self.q_padded // self.block_q - 1 - index if self.heavy_first else index
 
   def classes(self) -> np.ndarray:
     return block_mask.classify_blocks(self.mask, self.q_len, self.kv_len, self.block_q, self.block_k,
@@ -89,12 +95,13 @@ def check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int, bloc
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-  """One launch configuration of the three kernels: the (query, key) tile and Triton's warps per program and
-  software-pipelining depth."""
+  """One launch configuration of the three kernels: the (query, key) tile, Triton's warps per program and
+  software-pipelining depth, and whether the forward and dq kernels launch their query blocks last to first."""
   block_q: int
   block_k: int
   num_warps: int
   num_stages: int
+  heavy_first: bool = False
 
 
 # Autotuning table: (head dim, mask kind) → tiles, from `landiff-jax bench attention --sweep` on a GPU (the sweep
@@ -109,9 +116,9 @@ TUNED_TILES: dict[tuple[int, str], Tiles] = {
 
 # What the sweep tries per head dim (tiles whose shared memory fits a Hopper/Ampere SM at that head dim).
 SWEEP_TILES: dict[int, tuple[Tiles, ...]] = {
-    64: (Tiles(128, 64, 4, 2), Tiles(128, 64, 4, 3), Tiles(128, 128, 8, 2), Tiles(64, 64, 4, 2),
+    64: (Tiles(128, 64, 4, 2, True), Tiles(128, 64, 4, 3), Tiles(128, 128, 8, 2), Tiles(64, 64, 4, 2),
          Tiles(128, 64, 8, 3), Tiles(64, 128, 4, 2)),
-    128: (Tiles(64, 64, 8, 2), Tiles(128, 64, 8, 2), Tiles(64, 64, 4, 3), Tiles(128, 32, 4, 2)),
+    128: (Tiles(64, 64, 8, 2, True), Tiles(128, 64, 8, 2), Tiles(64, 64, 4, 3), Tiles(128, 32, 4, 2)),
 }
 
 
@@ -149,7 +156,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec, *,
   config = KernelConfig(mask=mask, q_len=q.shape[1], kv_len=k.shape[1], q_offset=int(q_offset),
                         scale=float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale), block_q=block_q,
                         block_k=block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-                        masked_keys=kv_valid is not None, interpret=interpret)
+                        heavy_first=tiles.heavy_first, masked_keys=kv_valid is not None, interpret=interpret)
   valid = jnp.ones(k.shape[:2], jnp.int32) if kv_valid is None else kv_valid.astype(jnp.int32)
   return _flash(config, q, k, v, valid)
 
@@ -227,7 +234,7 @@ def _forward_kernel(full_ref, num_full_ref, partial_ref, num_partial_ref, q_ref,
                     q_latent_ref, k_frame_ref, k_latent_ref, valid_ref, o_ref, lse_ref, *, config: KernelConfig,
                     num_k_blocks: int):
   bq, bk = config.block_q, config.block_k
-  row = pl.program_id(2)
+  row = config.row(pl.program_id(2))
   q = q_ref[...]
   q_frame, q_latent = q_frame_ref[...], q_latent_ref[...]
 
@@ -270,17 +277,17 @@ def _forward(config: KernelConfig, q, k, v, valid):
   list_arrays = _list_arrays(config.key_lists())
   kernel = functools.partial(_forward_kernel, config=config, num_k_blocks=lk // bk)
   in_specs = [_whole(a.shape) for a in list_arrays] + [
-      pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, qi, hi, 0)),
+      pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, config.row(qi), hi, 0)),
       pl.BlockSpec((None, lk, None, d), lambda bi, hi, qi: (bi, 0, hi // groups, 0)),
       pl.BlockSpec((None, lk, None, d), lambda bi, hi, qi: (bi, 0, hi // groups, 0)),
-      pl.BlockSpec((bq,), lambda bi, hi, qi: (qi,)),
-      pl.BlockSpec((bq,), lambda bi, hi, qi: (qi,)),
+      pl.BlockSpec((bq,), lambda bi, hi, qi: (config.row(qi),)),
+      pl.BlockSpec((bq,), lambda bi, hi, qi: (config.row(qi),)),
       _whole((lk,)),
       _whole((lk,)),
       pl.BlockSpec((None, lk), lambda bi, hi, qi: (bi, 0)),
   ]
-  out_specs = [pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, qi, hi, 0)),
-               pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi))]
+  out_specs = [pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, config.row(qi), hi, 0)),
+               pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, config.row(qi)))]
   q_meta, k_meta = _metadata(config, config.q_len, lq, config.q_offset), _metadata(config, config.kv_len, lk, 0)
   return pl.pallas_call(
       kernel, grid=(b, h, lq // bq), in_specs=in_specs, out_specs=out_specs,
@@ -304,7 +311,7 @@ def _dq_kernel(full_ref, num_full_ref, partial_ref, num_partial_ref, q_ref, k_re
                delta_ref, q_frame_ref, q_latent_ref, k_frame_ref, k_latent_ref, valid_ref, dq_ref, *,
                config: KernelConfig, num_k_blocks: int):
   bq, bk = config.block_q, config.block_k
-  row = pl.program_id(2)
+  row = config.row(pl.program_id(2))
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   q_frame, q_latent = q_frame_ref[...], q_latent_ref[...]
@@ -365,14 +372,14 @@ def _backward(config: KernelConfig, q, k, v, valid, o, lse, do):
 
   key_lists = _list_arrays(config.key_lists())
   row_specs = [
-      pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, qi, hi, 0)),  # q
+      pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, config.row(qi), hi, 0)),  # q
       pl.BlockSpec((None, lk, None, d), lambda bi, hi, qi: (bi, 0, hi // groups, 0)),  # k
       pl.BlockSpec((None, lk, None, d), lambda bi, hi, qi: (bi, 0, hi // groups, 0)),  # v
-      pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, qi, hi, 0)),  # do
-      pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi)),  # lse
-      pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi)),  # delta
-      pl.BlockSpec((bq,), lambda bi, hi, qi: (qi,)),
-      pl.BlockSpec((bq,), lambda bi, hi, qi: (qi,)),
+      pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, config.row(qi), hi, 0)),  # do
+      pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, config.row(qi))),  # lse
+      pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, config.row(qi))),  # delta
+      pl.BlockSpec((bq,), lambda bi, hi, qi: (config.row(qi),)),
+      pl.BlockSpec((bq,), lambda bi, hi, qi: (config.row(qi),)),
       _whole((lk,)),
       _whole((lk,)),
       pl.BlockSpec((None, lk), lambda bi, hi, qi: (bi, 0)),
@@ -380,7 +387,7 @@ def _backward(config: KernelConfig, q, k, v, valid, o, lse, do):
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, config=config, num_k_blocks=lk // bk), grid=(b, h, lq // bq),
       in_specs=[_whole(a.shape) for a in key_lists] + row_specs,
-      out_specs=pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, qi, hi, 0)),
+      out_specs=pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, config.row(qi), hi, 0)),
       out_shape=_like(q.shape, q.dtype, q), compiler_params=_compiler_params(config),
       interpret=config.interpret, name='landiff_flash_dq',
   )(*key_lists, q, k, v, do, lse, delta, *q_meta, *k_meta, valid)
