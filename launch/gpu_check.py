@@ -31,6 +31,19 @@ HEADLINE_KEYS = ('median_s', 'per_token_ms', 'total_s', 'prefill_s', 'first_call
                  'timed_s', 'total_s_estimate', 'skipped', 'failed', 'time_vs_pallas')
 
 
+ENVIRONMENT_PROBE = """
+import json, platform, jax
+found = dict(jax=jax.__version__, backend=jax.default_backend(), devices=[d.device_kind for d in jax.devices()],
+             python=platform.python_version())
+try:
+  import torch
+  found.update(torch=torch.__version__, torch_cuda=torch.cuda.is_available())
+except ImportError:
+  found['torch'] = None
+print(json.dumps(found))
+"""
+
+
 def steps(tiny: bool) -> list[dict]:
   """name, command (after `python3`), time limit (s) and the least time worth starting it with."""
   config = 'configs/tiny.py' if tiny else 'configs/landiff_official.py'
@@ -38,17 +51,15 @@ def steps(tiny: bool) -> list[dict]:
   bench = lambda name, *extra: ['-m', 'landiff_jax', 'bench', name, f'--config={config}', '--dtype', dtype, *extra]
   reference = ['--no-reference'] if tiny else []
   found = [
-      dict(name='environment', budget=45, least=10,
-           command=['-c', 'import json, jax; d = jax.devices(); print(json.dumps(dict(jax=jax.__version__, '
-                    'backend=jax.default_backend(), devices=[x.device_kind for x in d])))']),
-      dict(name='kernel_check', budget=60 if tiny else 110, least=20,
+      dict(name='environment', budget=45, least=10, command=['-c', ENVIRONMENT_PROBE]),
+      dict(name='kernel_check', budget=60 if tiny else 100, least=20,
            command=['launch/kernel_check.py', *(['--tiny'] if tiny else [])], json_flag='--out'),
-      dict(name='attention_sweep', budget=90 if tiny else 120, least=30,
+      dict(name='attention_sweep', budget=90 if tiny else 150, least=30,
            command=bench('attention', '--repeats', '1' if tiny else '3', '--sweep', '1' if tiny else '3',
                          *(['--tokens', '40'] if tiny else []), *reference), json_flag='--out'),
-      dict(name='lm', budget=60 if tiny else 90, least=30,
+      dict(name='lm', budget=60 if tiny else 80, least=30,
            command=bench('lm', '--repeats', '1' if tiny else '2', *reference), json_flag='--out'),
-      dict(name='dit', budget=60 if tiny else 80, least=30,
+      dict(name='dit', budget=60 if tiny else 75, least=30,
            command=bench('dit', '--repeats', '1' if tiny else '2', *reference), json_flag='--out'),
       dict(name='tokenizer', budget=90 if tiny else 70, least=20,
            command=bench('tokenizer', '--repeats', '1' if tiny else '2'), json_flag='--out'),
@@ -137,7 +148,8 @@ def tables(raw: dict) -> str:
   """Markdown rows for docs/benchmarks.md from whatever finished."""
   lines = []
   env = raw.get('environment') or {}
-  lines.append(f"Device: {', '.join(env.get('devices', ['?']))}; jax {env.get('jax', '?')}; "
+  lines.append(f"Device: {', '.join(env.get('devices', ['?']))}; jax {env.get('jax', '?')}, torch "
+               f"{env.get('torch', '?')}, Python {env.get('python', '?')}; "
                f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n")
   kernel = raw.get('kernel_check') or {}
   if kernel.get('cases'):
