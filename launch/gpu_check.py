@@ -225,9 +225,10 @@ def main(argv=None) -> int:
                                         f"it needs at least {step['least']} s")
         else:
           summary['steps'][name], raw[name] = run_step(step, min(step['budget'], left), work, log)
-        print(f"gpu_check: {name}: {summary['steps'][name]['status']}"
-              f"{' (' + str(summary['steps'][name].get('seconds')) + ' s)' if 'seconds' in summary['steps'][name] else ''}"
-              f"{': ' + summary['steps'][name]['reason'] if 'reason' in summary['steps'][name] else ''}", flush=True)
+        entry = summary['steps'][name]
+        seconds = f" ({entry['seconds']} s)" if 'seconds' in entry else ''
+        print(f"gpu_check: {name}: {entry['status']}{seconds}{': ' + entry['reason'] if 'reason' in entry else ''}",
+              flush=True)
         write_json(os.path.join(out, 'raw.json'), raw)
         write_json(os.path.join(out, 'summary.json'), summary)
     summary['finished'] = f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%M:%SZ}'

@@ -2,11 +2,11 @@
 `flash_attention` against the dense `xla` reference at the highest matmul precision, on the tokenizer's encoder and
 decoder masks at the release's layout (18,768 tokens), in bfloat16 and float32.
 
-Error measure: ‖kernel − reference‖ / ‖reference‖ per output (out, dq, dk, dv), the reference computed in float32
-at HIGHEST precision on the same (upcast) inputs. Limits: 1e-4 in float32 (fp32 arithmetic lands far below), 2e-2
-in bfloat16 (bf16 operands land between 1e-3 and 1e-2); NaN never passes. Fresh random inputs per case. bfloat16
-runs first (its kernels compile in seconds, float32's take up to a minute) and the JSON is rewritten after every
-case, so a time limit keeps every finished case.
+Error measure: ‖kernel − reference‖ / ‖reference‖ per output (out, dq, dk, dv), the reference computed in
+float32 at HIGHEST precision on the same (upcast) inputs. Limits: 1e-4 in float32 (fp32 arithmetic lands far
+below), 2e-2 in bfloat16 (bf16 operands land between 1e-3 and 1e-2); NaN never passes. Fresh random inputs per
+case. bfloat16 runs first (its kernels compile in seconds, float32's take up to a minute) and the JSON is
+rewritten after every case, so a time limit keeps every finished case.
 
 Usage: python3 launch/kernel_check.py --out FILE [--tiny] [--heads N]
 (--tiny: a 108-token layout in Pallas interpret mode, for CPU.)

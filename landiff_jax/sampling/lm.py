@@ -153,8 +153,9 @@ def decode_step(model: SemanticLM, params: Any, layers: tuple[Any, ...], i: Arra
 @functools.partial(jax.jit, static_argnames=('model', 'layout', 'num_groups', 'use_cfg', 'top_k', 'top_p',
                                              'progress', 'mesh'))
 def _generate(model: SemanticLM, params: Any, layers: tuple[Any, ...], text: Array, lengths: Array,
-              micro: dict[str, Array], keys: Array, cfg_scale: Array, temperature: Array, *, layout: Layout, num_groups: int, use_cfg: bool, top_k: int,
-              top_p: float, progress: Callable[[Any], None] | None, mesh: Any = None) -> Array:
+              micro: dict[str, Array], keys: Array, cfg_scale: Array, temperature: Array, *, layout: Layout,
+              num_groups: int, use_cfg: bool, top_k: int, top_p: float, progress: Callable[[Any], None] | None,
+              mesh: Any = None) -> Array:
   plan = jnp.asarray(layout.plan(num_groups))
   steps = plan.shape[0]
   b = text.shape[0]
