@@ -38,6 +38,7 @@ def test_tiny_run_writes_a_complete_summary(tmp_path, gpu_check):
       assert entry['status'] == 'ok', (name, entry)
     else:
       assert entry['status'] == 'skipped' and entry['reason'], (name, entry)
+  assert summary['steps']['environment']['figures']['backend'] == 'cpu'
   kernel = summary['steps']['kernel_check']['figures']
   assert kernel['passed'] is True and len(kernel['cases']) == 4  # 2 masks × (bf16, fp32)
   assert summary['steps']['lm']['figures']['landiff_jax']['per_token_ms'] > 0
