@@ -27,9 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = os.environ.get('PYTHON') or sys.executable
 HEADLINE_KEYS = ('median_s', 'tflop', 'positions', 'per_token_ms', 'total_s', 'prefill_s', 'first_call_s',
                  'compile_s', 'mfu', 'tflops', 'forward_tflops', 'forward_backward_tflops', 'forward_mfu',
-                 'forward_backward_mfu', 'roofline_fraction', 'speedup', 'passed', 'relative_error', 'line', 'seconds', 'peak_gib',
-                 'timed_s', 'total_s_estimate', 'skipped', 'failed', 'time_vs_pallas', 'best_tiles',
-                 'compile_and_first_run_s')
+                 'forward_backward_mfu', 'roofline_fraction', 'speedup', 'passed', 'relative_error', 'line',
+                 'seconds', 'peak_gib', 'timed_s', 'total_s_estimate', 'skipped', 'failed', 'time_vs_pallas',
+                 'best_tiles', 'compile_and_first_run_s')
 
 
 ENVIRONMENT_PROBE = """
