@@ -221,8 +221,9 @@ def test_release_decode_step_moves_little_more_than_its_weights_and_cache():
   Before (2026-12-04: the step ran `extend`, a `lax.scan` over the stacked layers; counted with the scan unrolled,
   since cost analysis counts a loop body once): 36.8 GB accessed per step against 8.20 GB of parameters + 1.03 GB of
   KV cache (3.99×), and 9.67 GB of temporaries: every layer's weights sliced out of the stack into a copy, the stacked
-  cache rebuilt. Now (layers unrolled over per-layer weights and caches): 11.3 GB (1.22×; XLA counts each in-place
-  cache write as a full cache write) and 43 MB of temporaries.
+  cache rebuilt. Now (layers unrolled over per-layer weights and caches): 11.3 GB (1.22×; of the excess, 2.1 GB is
+  XLA charging each in-place one-slot cache write as a read and a write of that layer's whole cache) and 43 MB of
+  temporaries.
   """
   step, args, param_bytes, kv_bytes = _release_decode_step(jnp.float32)
   compiled = jax.jit(step, donate_argnums=(4,)).lower(*args).compile()
