@@ -654,6 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
       command.add_argument('--repeats', type=int, default=3, help='timed calls after the first (compiling) one')
       command.add_argument('--no-reference', dest='reference', action='store_false',
                            help='skip the PyTorch reference run')
+      command.add_argument('--sweep', type=int, nargs='?', const=0, default=None, metavar='N',
+                           help="attention: time the Pallas kernel's candidate tiles (the first N per head dim)")
       command.add_argument('--out', default='', help='also write the JSON result to this file')
   return parser
 
