@@ -98,7 +98,7 @@ def cmd_convert(args, config) -> int:
   import jax
 
   from landiff_jax import checkpoints
-  from landiff_jax.convert import ConversionError, common, io
+  from landiff_jax.convert import common, io, notices
 
   if args.part == 'all':
     return convert_all(args, config)
@@ -110,6 +110,11 @@ def cmd_convert(args, config) -> int:
   if args.decoder_only and args.part != 'vae':
     print(f'landiff-jax: error: --decoder-only applies to the vae only, not to {args.part}.', file=sys.stderr)
     return 2
+  if args.base and args.part not in ('dit', 'tokenizer', 'vae', 't5_dit'):
+    print(f'landiff-jax: error: --base applies to the parts LanDiff\'s engine checkpoint overlays (dit, tokenizer, '
+          f'vae, t5_dit), not to {args.part}.', file=sys.stderr)
+    return 2
+  dtype = args.dtype or config.get('storage_dtype', 'float32')
   function_path = CONVERTERS[args.part]
   module_name, function_name = function_path.split(':')
   convert_fn = getattr(importlib.import_module(module_name), function_name)
@@ -117,29 +122,52 @@ def cmd_convert(args, config) -> int:
   parent = os.path.dirname(os.path.abspath(args.dst))
   os.makedirs(parent, exist_ok=True)
   # converted parameters wait in files beside --dst, not in memory, until saved (see convert.common.spilling)
-  with tempfile.TemporaryDirectory(prefix='.landiff-convert-', dir=parent) as spill, common.spilling(spill):
+  with tempfile.TemporaryDirectory(prefix='.landiff-convert-', dir=parent) as spill, common.spilling(spill), \
+       notices(lambda message: print(f'note: {message}')):
     try:
       state_dict = io.load_state_dict(args.src)
-      print(f'read {len(state_dict)} tensors from {args.src}')
+      print(f'read {len(state_dict)} tensors from {state_dict.source or args.src}')
       part_config = checkpoints.part_config(config, args.part)
       options = {}
       if args.base:
-        if args.part != 'dit':
-          raise ConversionError(f'--base applies to the dit only, not to {args.part}.')
-        options['base_state_dict'] = io.load_state_dict(args.base)
-        print(f'read {len(options["base_state_dict"])} tensors from {args.base}')
+        base = io.load_state_dict(args.base)
+        print(f'read {len(base)} tensors from {args.base}')
+        if args.part in ('dit', 'tokenizer'):
+          options['base_state_dict'] = base
+        else:  # the engine's copy of a frozen part over the part's own file
+          from landiff_jax.convert.release import over_engine
+          state_dict = over_engine(args.part, state_dict, base)
       if args.decoder_only:
         options['decoder_only'] = True
         part_config.with_encoder = False
-      params = convert_fn(state_dict, part_config, **options)
+      if args.part in ('t5_dit', 't5_lm'):
+        options['section'] = args.part
+      params = common.cast_params(convert_fn(state_dict, part_config, **options), dtype)
       dst = checkpoints.save(args.dst, part=args.part, config=part_config, params=params,
                              overwrite=args.overwrite, source=os.path.abspath(args.src))
-    except (ConversionError, checkpoints.CheckpointError) as e:
-      print(f'landiff-jax: error: {e}', file=sys.stderr)
-      return 1
+    except Exception as e:  # pylint: disable=broad-except  (one line; --verbose shows the traceback)
+      return conversion_failed(e, args)
   count = sum(x.size for x in jax.tree.leaves(params))
-  print(f'wrote {args.part} ({count:,} parameters) to {dst} in {time.perf_counter() - start:.1f} s')
+  print(f'wrote {args.part} ({count:,} parameters, {dtype}) to {dst} in {time.perf_counter() - start:.1f} s')
   return 0
+
+
+def conversion_failed(error: Exception, args) -> int:
+  """One line on stderr; with --verbose also the details behind it and the traceback."""
+  from landiff_jax.checkpoints import CheckpointError
+  from landiff_jax.convert import ConversionError
+
+  message = ' '.join(str(error).split())
+  if not isinstance(error, (ConversionError, CheckpointError)):  # unforeseen: say what and where
+    message = f'converting {args.part} from {args.src} failed: {type(error).__name__}: {message[:300]}'
+  print(f'landiff-jax: error: {message}', file=sys.stderr)
+  if getattr(args, 'verbose', False):
+    import traceback
+    details = getattr(error, 'details', '')
+    if details:
+      print(details, file=sys.stderr)
+    traceback.print_exception(error, file=sys.stderr)
+  return 1
 
 
 def cmd_bench(args, config) -> int:
@@ -229,9 +257,15 @@ def cmd_prepare(args, config) -> int:
       result = prepare.encode(args.src, args.models, args.dst, config, overwrite=args.overwrite)
     elif args.step == 'tokens':
       result = prepare.tokens(args.src, args.models, args.dst, overwrite=args.overwrite)
+    elif args.step == 'dataset':
+      from landiff_jax.data import ingest
+      result = ingest.prepare_dataset(args.src, args.captions, args.models, args.dst, config,
+                                      workers=args.workers or 1, videos_per_shard=args.videos_per_shard,
+                                      batch=args.batch, fps=args.fps, dtype=args.dtype, part=args.part,
+                                      overwrite=args.overwrite)
     else:
       result = prepare.assemble(args.models, args.dst, config, overwrite=args.overwrite)
-  except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError, ImportError, CheckpointError) as e:
     print(f'landiff-jax: error: {e}', file=sys.stderr)
     return 1
   print(f'prepare {args.step}: {json.dumps(result)}')
@@ -239,16 +273,19 @@ def cmd_prepare(args, config) -> int:
 
 
 def convert_all(args, config) -> int:
-  from landiff_jax.convert import ConversionError
+  from landiff_jax.convert import notices
   from landiff_jax.convert.release import convert_release
-  from landiff_jax.checkpoints import CheckpointError
 
+  if args.base or args.decoder_only:
+    print('landiff-jax: error: --base and --decoder-only apply to single parts, not to `convert all`.',
+          file=sys.stderr)
+    return 2
   try:
-    report = convert_release(args.src, args.dst, config, t5=args.t5 or None, flan_t5=args.flan_t5 or None,
-                             theia=args.theia or None)
-  except (ConversionError, CheckpointError, FileNotFoundError) as e:
-    print(f'landiff-jax: error: {e}', file=sys.stderr)
-    return 1
+    with notices(lambda message: print(f'note: {message}')):
+      report = convert_release(args.src, args.dst, config, t5=args.t5 or None, flan_t5=args.flan_t5 or None,
+                               theia=args.theia or None, dtype=args.dtype or None)
+  except Exception as e:  # pylint: disable=broad-except  (one line; --verbose shows the traceback)
+    return conversion_failed(e, args)
   print('\n'.join(f'  {part}: {state}' for part, state in report.items()))
   print(f'pipeline directory ready: {args.dst}  (landiff-jax generate --ckpt {args.dst} --prompt "...")')
   return 0
@@ -488,7 +525,7 @@ COMMANDS = {
     'train': (cmd_train, 'train one stage (vae, theia, tokenizer, lm, backbone, diffusion) with the sharded training '
                          'loop'),
     'prepare': (cmd_prepare, 'a data-preparation step of the demo recipe (videos, semantics, frozen, encode, tokens, '
-                             'assemble)'),
+                             'assemble), or `dataset`: video files and captions to shards for real training'),
     'export': (cmd_export, 'a training run\'s latest checkpoint as a model directory'),
     'eval': (cmd_eval, 'score prompt following with an analytic detector (shapes: the built-in demo)'),
     'plan': (cmd_plan, 'per-device memory and FLOPs of a training step on a mesh, compiled ahead of time'),
@@ -559,23 +596,46 @@ def build_parser() -> argparse.ArgumentParser:
                            help='vae: convert only the decoder (enough to generate videos)')
       command.add_argument('--base', default='',
                            help='dit: the CogVideoX-2B SAT checkpoint that tensors missing from --src (a LanDiff '
-                           'diffusion checkpoint) are read from, as the release loads them')
+                           'diffusion checkpoint) are read from, as the release loads them; tokenizer, vae, t5_dit: '
+                           'the part\'s own file (tokenizer/model.safetensors, 3d-vae.pt, the T5 folder) under the '
+                           'copy inside --src (the LanDiff engine), if it holds one')
+      command.add_argument('--dtype', default=None, choices=['bfloat16', 'float32'],
+                           help='dtype the parameters are stored in (default: the config\'s storage_dtype: '
+                           'bfloat16 for the release, float32 for the tiny and demo configs)')
+      command.add_argument('--verbose', action='store_true',
+                           help='on failure, also print the full lists of keys and the traceback')
     if name == 'train':
       command.add_argument('stage', choices=sorted(TRAIN_TASKS), help='which stage to train')
     if name == 'prepare':
-      command.add_argument('step', choices=['videos', 'semantics', 'frozen', 'encode', 'tokens', 'assemble'],
-                           help='see landiff_jax/data/prepare.py')
+      command.add_argument('step',
+                           choices=['videos', 'semantics', 'frozen', 'encode', 'tokens', 'assemble', 'dataset'],
+                           help='see landiff_jax/data/prepare.py (dataset: landiff_jax/data/ingest.py)')
       command.add_argument('--dst', required=True, help='directory to write (replaced only with --overwrite)')
-      command.add_argument('--src', default='', help='encode: the videos; tokens: the output of encode')
-      command.add_argument('--models', default='', help='encode, tokens, assemble: the model directories so far')
+      command.add_argument('--src', default='', help='encode: the videos; tokens: the output of encode; '
+                           'dataset: a folder of video files (mp4, webm, gif)')
+      command.add_argument('--models', default='', help='encode, tokens, assemble: the model directories so far; '
+                           'dataset: theia, vae, t5_lm, t5_dit (+ tokenizers) and optionally tokenizer')
       command.add_argument('--num', type=int, default=1000, help='videos, semantics: how many')
       command.add_argument('--seed', type=int, default=0,
                            help='videos, semantics: dataset seed; frozen: initialisation seed')
       command.add_argument('--frames', type=int, default=0,
                            help='videos, semantics: frames per clip (default video.num_frames)')
       command.add_argument('--workers', type=int, default=0,
-                           help='videos, semantics: rendering processes (0: one per CPU)')
+                           help='videos, semantics: rendering processes (0: one per CPU); dataset: '
+                           'encoding processes (0: 1)')
       command.add_argument('--overwrite', action='store_true', help='replace an existing --dst')
+      command.add_argument('--captions', default='', help='dataset: captions of the videos in --src (.jsonl or .csv '
+                           'with the fields video, caption and optionally motion_score)')
+      command.add_argument('--videos-per-shard', type=int, default=64, help='dataset: videos per shard')
+      command.add_argument('--batch', type=int, default=2,
+                           help='dataset: groups encoded per model call (the VAE encoder takes ~13 GiB of '
+                           'temporaries per 49-frame 480x720 group)')
+      command.add_argument('--fps', type=float, default=8.0,
+                           help='dataset: frame rate the videos are resampled to (the release: 8; 0: every frame)')
+      command.add_argument('--dtype', default='', help='dataset: dtype of stored features and latents (default: '
+                           'the config\'s storage_dtype)')
+      command.add_argument('--part', default='0/1', help='dataset: I/N: only shards I, I+N, ... (one run per host '
+                           'or accelerator, all writing the same --dst)')
     if name == 'export':
       command.add_argument('stage', choices=sorted(TRAIN_TASKS), help='the stage the run trained')
       command.add_argument('--workdir', required=True, help='the run\'s train.workdir')
@@ -596,6 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
       command.add_argument('--repeats', type=int, default=3, help='timed calls after the first (compiling) one')
       command.add_argument('--no-reference', dest='reference', action='store_false',
                            help='skip the PyTorch reference run')
+      command.add_argument('--sweep', type=int, nargs='?', const=0, default=None, metavar='N',
+                           help="attention: time the Pallas kernel's candidate tiles (the first N per head dim)")
       command.add_argument('--out', default='', help='also write the JSON result to this file')
   return parser
 

@@ -123,7 +123,8 @@ class Pipeline:
     ids = lm_sampling.generate(model, params, [text], layout=self.layout, key=key,
                                num_frames=num_groups * self.layout.frames_per_group, motion_score=motion_score,
                                cfg_scale=cfg_scale, temperature=float(s.temperature), top_k=int(s.top_k),
-                               top_p=float(s.top_p), max_text_length=int(self.config.lm.text_max_length))
+                               top_p=float(s.top_p), max_text_length=int(self.config.lm.text_max_length),
+                               devices=self.mesh)
     return np.asarray(ids[0])
 
   def condition(self, ids: np.ndarray) -> jax.Array:
@@ -136,7 +137,8 @@ class Pipeline:
   def renderer(self, steps: int) -> Renderer:
     if steps not in self._renderers:
       schedule = diffusion.make_schedule(self.config.diffusion, num_steps=steps)
-      self._renderers[steps] = Renderer(self.parts['dit'][0], schedule)
+      # With 2+ devices in the mesh, CFG's [uncond, cond] rows run on different devices (sampling/devices.py).
+      self._renderers[steps] = Renderer(self.parts['dit'][0], schedule, devices=self.mesh)
     return self._renderers[steps]
 
   def latents(self, text: jax.Array, condition: jax.Array, key: jax.Array, steps: int) -> jax.Array:
