@@ -13,7 +13,6 @@ config (`landiff.json`). Every stage is jit-compiled once and reused across prom
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Callable
@@ -33,9 +32,9 @@ from landiff_jax.sampling import diffusion, streaming
 from landiff_jax.sampling import lm as lm_sampling
 from landiff_jax.sampling.render import Renderer
 
-PARTS = ('t5_lm', 't5_dit', 'lm', 'tokenizer', 'dit', 'vae')
-TEXT_TOKENIZERS = {'t5_lm': 't5_lm_tokenizer', 't5_dit': 't5_dit_tokenizer'}
-CONFIG_FILE = 'landiff.json'
+PARTS = runtime.PARTS
+TEXT_TOKENIZERS = runtime.TEXT_TOKENIZERS
+CONFIG_FILE = runtime.PIPELINE_CONFIG_FILE
 # the parts each stage runs; with `offload='stage'` only these are on the device while it runs
 STAGE_PARTS = {
     'lm_text': ('t5_lm',),
@@ -47,8 +46,7 @@ STAGE_PARTS = {
 }
 
 
-class PipelineError(ValueError):
-  """A pipeline directory that cannot be used; the message names what is missing and how to make it."""
+PipelineError = runtime.DirectoryError  # a pipeline directory that cannot be used; names the file and the fix
 
 
 @dataclasses.dataclass
@@ -65,12 +63,7 @@ def save_config(directory: str, config: ml_collections.ConfigDict) -> None:
 
 
 def load_config(directory: str) -> ml_collections.ConfigDict:
-  path = os.path.join(directory, CONFIG_FILE)
-  if not os.path.isfile(path):
-    raise PipelineError(f'{directory} is not a pipeline directory (no {CONFIG_FILE}); make one with '
-                        f'`landiff-jax convert all --dst {directory} ...`.')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return runtime.read_pipeline_config(directory)
 
 
 class Pipeline:
@@ -288,19 +281,7 @@ class _Offloaded:
 
 def check_directory(directory: str) -> None:
   """Every part and tokenizer of a pipeline directory is present and of the right kind, before anything loads."""
-  missing = [p for p in PARTS if not os.path.isdir(os.path.join(directory, p))]
-  missing += [t for t in TEXT_TOKENIZERS.values() if not os.path.isdir(os.path.join(directory, t))]
-  if missing:
-    raise PipelineError(f'{directory} lacks {", ".join(missing)}; convert the release with `landiff-jax convert all`.')
-  for name in PARTS:
-    path = os.path.join(directory, name)
-    try:
-      part = checkpoints.read_meta(path)['part']
-    except checkpoints.CheckpointError as e:
-      raise PipelineError(str(e)) from None
-    if part != name:
-      raise PipelineError(f'{path} holds a {part} model, not the {name} this part needs; convert it with '
-                          f'`landiff-jax convert {name} --dst {path} ...` (or `convert all`).')
+  runtime.check_pipeline_directory(directory)
 
 
 def load_part(path: str, mesh: jax.sharding.Mesh, rules, param_dtype: Any = None, **model_kwargs) -> tuple[Any, Any]:

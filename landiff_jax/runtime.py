@@ -124,3 +124,72 @@ def to_device(host: Any, shardings: Any) -> Any:
   """A host parameter tree placed in `shardings` (a matching tree) again."""
   import jax
   return jax.device_put(host, shardings)
+
+
+# --- pipeline directories, checked without importing JAX (so a command line fails fast) ---------------------------
+
+PARTS = ('t5_lm', 't5_dit', 'lm', 'tokenizer', 'dit', 'vae')
+TEXT_TOKENIZERS = {'t5_lm': 't5_lm_tokenizer', 't5_dit': 't5_dit_tokenizer'}
+PIPELINE_CONFIG_FILE = 'landiff.json'
+MODEL_CONFIG_FILE = 'config.json'  # checkpoints.CONFIG_FILE
+MODEL_FORMAT = 'landiff-jax-model'  # checkpoints.FORMAT
+
+
+class DirectoryError(ValueError):
+  """A pipeline or model directory that cannot be used; the message names the file and the fix."""
+
+
+def read_pipeline_config(directory: str):
+  """The full config a pipeline directory was converted with (`landiff.json`)."""
+  import json
+
+  import ml_collections
+
+  path = os.path.join(directory, PIPELINE_CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise DirectoryError(f'{directory} is not a pipeline directory (no {PIPELINE_CONFIG_FILE}); make one with '
+                         f'`landiff-jax convert all --dst {directory} ...`.')
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise DirectoryError(f'{path} cannot be read ({" ".join(str(e).split())}); convert the release again with '
+                         '`landiff-jax convert all`.') from None
+
+
+def read_model_part(path: str) -> str:
+  """Which part a model directory holds, from its config.json; a missing or foreign file is one clear error."""
+  import json
+
+  config_path = os.path.join(path, MODEL_CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    raise DirectoryError(f'{path} is not a landiff-jax model directory (no {MODEL_CONFIG_FILE}); convert the official '
+                         'checkpoint with `landiff-jax convert`.')
+  try:
+    with open(config_path) as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise DirectoryError(f'{config_path} cannot be read ({" ".join(str(e).split())}); convert the model again.') from None
+  if not isinstance(meta, dict) or meta.get('format') != MODEL_FORMAT or 'part' not in meta:
+    raise DirectoryError(f'{config_path} is not a landiff-jax model config; convert the model with '
+                         '`landiff-jax convert`.')
+  if not os.path.isdir(os.path.join(path, 'params')):
+    raise DirectoryError(f'{path} has no params/ directory; the conversion did not finish. Convert it again.')
+  return meta['part']
+
+
+def check_pipeline_directory(directory: str) -> None:
+  """Every part and text tokenizer of a pipeline directory is present and of the right kind (files only)."""
+  if not os.path.isdir(directory):
+    raise DirectoryError(f'the pipeline directory {directory} does not exist; make one with '
+                         f'`landiff-jax convert all --dst {directory} ...`.')
+  missing = [p for p in PARTS if not os.path.isdir(os.path.join(directory, p))]
+  missing += [t for t in TEXT_TOKENIZERS.values() if not os.path.isdir(os.path.join(directory, t))]
+  if missing:
+    raise DirectoryError(f'{directory} lacks {", ".join(missing)}; convert the release with `landiff-jax convert all`.')
+  for name in PARTS:
+    path = os.path.join(directory, name)
+    part = read_model_part(path)
+    if part != name:
+      raise DirectoryError(f'{path} holds a {part} model, not the {name} this part needs; convert it with '
+                           f'`landiff-jax convert {name} --dst {path} ...` (or `convert all`).')
