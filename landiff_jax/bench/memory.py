@@ -6,9 +6,10 @@
     peak, offload 'none'          every part resident + the largest stage's temporaries
     peak, offload 'stage'         max over stages of (that stage's parts + its temporaries)
 
-Temporaries compiled on CPU stand for the GPU's: the same program, but XLA:CPU fuses differently and attention
-runs a memory-efficient backend ('blockwise' when registered) where the GPU runs cuDNN's flash kernel, so they
-are an estimate of the GPU's (stored bytes are exact).
+Stored bytes are exact. Temporaries compiled on CPU stand for the GPU's, as an upper bound: XLA:CPU computes bf16
+matmuls by converting their operands to float32 (a float32 copy of the weights, which a GPU never makes), so the
+stages are compiled in float32 throughout (every activation at least as large as in bf16, no weight copies), and
+attention runs a memory-efficient backend ('blockwise' when registered) where the GPU runs cuDNN's flash kernel.
 """
 
 from __future__ import annotations
@@ -133,7 +134,10 @@ def estimate(config: Any, stages: tuple[str, ...] | None = None, log: Callable[[
   stored = stored_bytes(config)
   backend = _estimation_backend(config)
   temps, compile_s = {}, {}
-  for stage, (_, lower) in stage_programs(config, backend).items():
+  compiled = config.copy_and_resolve_references()
+  if jax.default_backend() == 'cpu':
+    compiled.storage_dtype = compiled.compute_dtype = 'float32'  # see the module's docstring
+  for stage, (_, lower) in stage_programs(compiled, backend).items():
     if stages and stage not in stages:
       continue
     start = time.perf_counter()
@@ -148,6 +152,7 @@ def estimate(config: Any, stages: tuple[str, ...] | None = None, log: Callable[[
   return dict(
       benchmark='peak device memory of one video, from shapes', storage_dtype=str(config.storage_dtype),
       compute_dtype=str(config.compute_dtype), attention_backend=backend,
+      temporaries_compiled_in=f'{compiled.compute_dtype} on {jax.default_backend()}',
       stored_gib={**{name: gib(n) for name, n in stored.items()}, 'total': gib(all_parts)},
       temporaries_gib={stage: gib(n) for stage, n in temps.items()}, compile_s=compile_s,
       peak_gib={'none': gib(peak_none), 'stage': gib(peak_stage)})
