@@ -104,7 +104,7 @@ def _run_worker(directory: str, offload: str, cache: str, steps: int | None, vid
 def run(config: Any, options: Any) -> dict:
   if getattr(options, 'tiny', False):
     from landiff_jax import config as config_lib
-    config = config_lib.load_config('configs/tiny.py', getattr(options, 'overrides', []))
+    config = config_lib.load_config('tiny', getattr(options, 'overrides', []))
   if getattr(options, 'estimate', False):
     from landiff_jax.bench import memory
     return memory.estimate(config)
