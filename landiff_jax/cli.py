@@ -310,7 +310,8 @@ def output_paths(args, count: int) -> list[str]:
     paths = [os.path.join(args.out, f'{i:03d}.mp4') for i in range(count)]
   folders = {os.path.dirname(os.path.abspath(paths[0]))}
   for folder in folders:
-    existing = folder if os.path.isdir(folder) else os.path.dirname(folder)  # a --prompts folder may be new
+    new_folder_ok = count > 1 or args.prompts  # a --prompts folder is made in an existing one
+    existing = folder if os.path.isdir(folder) or not new_folder_ok else os.path.dirname(folder)
     if not os.path.isdir(existing):
       raise OptionError(f'the output folder {existing} does not exist; create it first.')
     if not os.access(existing, os.W_OK):
