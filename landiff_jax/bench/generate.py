@@ -123,6 +123,10 @@ def _run_worker(directory: str, offload: str, cache: str, steps: int | None, vid
   return json.loads(lines[-1])
 
 
+def log(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
 def run(config: Any, options: Any) -> dict:
   if getattr(options, 'tiny', False):
     from landiff_jax import config as config_lib
@@ -140,12 +144,16 @@ def run(config: Any, options: Any) -> dict:
     stored = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(directory) for f in files)
     cache = os.path.join(tmp, 'xla')  # empty: the first process compiles everything
     results = {}
+    log(f'wrote a random pipeline of {stored / 2**30:.2f} GiB in {written_s:.1f} s')
     first = _run_worker(directory, modes[0], cache, steps, videos=2)
+    log(f'first process ({modes[0]}): {json.dumps(first)}')
     results[modes[0]] = dict(first_process=first)
     if modes[0] == 'none':
       results['none']['cached_process'] = _run_worker(directory, 'none', cache, steps, videos=1)
+      log(f'cached process (none): {json.dumps(results["none"]["cached_process"])}')
     for mode in modes[1:]:
       results[mode] = dict(cached_process=_run_worker(directory, mode, cache, steps, videos=1))
+      log(f'cached process ({mode}): {json.dumps(results[mode]["cached_process"])}')
   summary = {}
   for mode, by_process in results.items():
     entry = {}
