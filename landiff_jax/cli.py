@@ -393,11 +393,13 @@ def prepare_pipeline_config(args, config):
   from landiff_jax import runtime
   ckpt = pipeline_dir(args.ckpt)
   runtime.check_pipeline_directory(ckpt)
-  pipe_config = config_lib.apply_overrides(runtime.read_pipeline_config(ckpt), args.overrides)
+  pipe_config = runtime.read_pipeline_config(ckpt)
+  if 'runtime' not in pipe_config:  # converted before the config had a runtime section
+    pipe_config.runtime = config.runtime.to_dict()
+  pipe_config = config_lib.apply_overrides(pipe_config, args.overrides)
   if getattr(args, 'offload', None):
-    pipe_config.runtime = pipe_config.get('runtime', None) or config.runtime
     pipe_config.runtime.offload = args.offload
-  offload = (pipe_config.get('runtime', None) or {}).get('offload', 'none')
+  offload = pipe_config.runtime.get('offload', 'none')
   if offload not in OFFLOAD_MODES:
     raise OptionError(f'config.runtime.offload must be one of {", ".join(OFFLOAD_MODES)}, got {offload!r}.')
   return ckpt, pipe_config
@@ -421,7 +423,7 @@ def cmd_generate(args, config) -> int:
     print(f'landiff-jax: error: {e}', file=sys.stderr)
     return 1
   try:
-    start_runtime(args, pipe_config if 'runtime' in pipe_config else config)
+    start_runtime(args, pipe_config)
     import numpy as np
 
     from landiff_jax import pipeline
@@ -471,7 +473,7 @@ def cmd_eval(args, config) -> int:
     print(f'landiff-jax: error: {e}', file=sys.stderr)
     return 1
   try:
-    start_runtime(args, pipe_config if 'runtime' in pipe_config else config)
+    start_runtime(args, pipe_config)
     from landiff_jax import pipeline
     pipe = pipeline.load(ckpt, config=pipe_config)
     result = shapes_eval.evaluate(pipe, prompts, seed=args.seed, lm_cfg=args.lm_cfg, dit_steps=args.steps,
