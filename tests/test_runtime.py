@@ -132,3 +132,17 @@ def test_no_large_constant_in_the_full_size_dit_program():
   sizes = [int(np.prod([int(n) for n in dims.split('x')[:-1]] or [1]))
            for dims in re.findall(r'constant dense<[^>]*>\s*:\s*tensor<([0-9x]+[a-z0-9]+)>', hlo)]
   assert sizes and max(sizes) < 2**16, max(sizes)  # per-axis frequencies at most
+
+
+@pytest.mark.parametrize('command, message', [
+    (['encode', '--video', 'missing.mp4', '--ckpt', '{pipe}'], '--video missing.mp4 is not a readable file'),
+    (['reconstruct', '--video', 'clip.mp4', '--ckpt', '{pipe}', '--frames', '-1'], '--frames must be 0'),
+    (['encode', '--video', 'clip.mp4', '--ckpt', '{pipe}'], 'has no theia/ model directory'),
+    (['eval', 'shapes', '--ckpt', '{pipe}', '--num-prompts', '0'], '--num-prompts must be at least 1'),
+    (['eval', 'shapes', '--ckpt', '{pipe}', '--steps', '0'], '--steps must be at least 1'),
+])
+def test_bad_encode_and_eval_options_fail_before_jax_is_imported(fake_pipeline, tmp_path, command, message):
+  (tmp_path / 'clip.mp4').write_bytes(b'x')
+  code, err, heavy = run_cli_without_jax([a.format(pipe=fake_pipeline) for a in command], cwd=str(tmp_path))
+  assert code == 1 and message in err and len(err.splitlines()) == 1, err
+  assert heavy == []
