@@ -138,8 +138,8 @@ def test_part_config_is_the_sections_a_model_directory_stores():
 def test_model_directory_round_trip(tmp_path, toy_part):
   dst = checkpoints.save(str(tmp_path / 'toy'), part='toy', config=toy_part, params=_params(), source='/x.pt')
   assert sorted(os.listdir(tmp_path)) == ['toy']  # no temporary directory left behind
-  model, params = checkpoints.load(dst, dtype='bf16')
-  assert model == ('toy-model', 4, {'dtype': 'bf16'})
+  model, params = checkpoints.load(dst, dtype='bfloat16')
+  assert model == ('toy-model', 4, {'dtype': 'bfloat16'})
   assert params['dense']['bias'].dtype == jnp.bfloat16
   np.testing.assert_array_equal(params['dense']['kernel'], _params()['dense']['kernel'])
   assert checkpoints.read_meta(dst)['source'] == '/x.pt'
