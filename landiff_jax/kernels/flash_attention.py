@@ -105,12 +105,13 @@ class Tiles:
 
 
 # Autotuning table: (head dim, mask kind) → tiles, from `landiff-jax bench attention --sweep` on a GPU (the sweep
-# prints the lines to paste here). Entries as measured: 2026-12-04, one H200, jax 0.11.2, bf16 — only the tiles
-# below were run there (encoder mask 3.1/9.3 ms fwd/fwd+bwd at batch 1, decoder 3.1/9.9 ms, causal d128 0.5/1.0 ms);
-# the first sweep replaces them with the fastest forward+backward candidate per row.
+# prints the lines to paste here). As measured on 2026-12-04 (one H200, jax 0.11.2, bf16, `--sweep 3`: the three
+# 128×64 candidates below, docs/benchmarks.md): launching the heaviest query blocks first gave the encoder mask
+# 2.5 / 8.4 ms fwd / fwd+bwd at batch 1 (2.9 / 9.5 without), the decoder mask 2.7 / 9.0 (2.8 / 9.4), and ties at
+# batch 4. For causal d128 the 64×64 and 128×64 tiles tie (0.3-0.5 / 0.8 ms); 'auto' sends causal to cuDNN anyway.
 TUNED_TILES: dict[tuple[int, str], Tiles] = {
-    (64, 'frame_causal_encoder'): Tiles(128, 64, 4, 2),
-    (64, 'frame_causal_decoder'): Tiles(128, 64, 4, 2),
+    (64, 'frame_causal_encoder'): Tiles(128, 64, 4, 2, True),
+    (64, 'frame_causal_decoder'): Tiles(128, 64, 4, 2, True),
     (128, 'causal'): Tiles(64, 64, 8, 2),
 }
 
