@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from landiff_jax.data import shards
 from landiff_jax.train.tasks.base import StageTask
 from landiff_jax.models import dit as dit_model
 
@@ -47,12 +49,19 @@ class DiffusionTask(StageTask):
     super().__init__(config, examples)
     dtype = jnp.dtype(config.compute_dtype)
     self.model = dit_model.build_dit(config, dtype=dtype, remat_policy=config.remat_policy,
+                                     attention_backend=config.attention_backend,
                                      num_control_layers=None if self.with_control else 0)
     if self.with_control and (not self.model.num_control_layers or self.model.upsampler is None):
       raise ValueError('diffusion training needs control.num_layers > 0 and an upsampler section.')
     self.alphas = jnp.asarray(training_alphas(config.diffusion))
     self.text_dropout = float(config.diffusion.text_dropout)
     self.prefix_frames = int(config.diffusion.prefix_frames)
+
+  def dataset(self) -> grain.MapDataset:
+    """The examples given, else `train.data_dir`: a shard store (`landiff-jax prepare dataset`) or `.npz` files."""
+    if self.examples is not None:
+      return super().dataset()
+    return shards.stage_source(self.config.train.data_dir, 'diffusion', self.example_keys)
 
   def example_shapes(self, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch of `batch` examples, as abstract arrays (for `landiff-jax plan`)."""
