@@ -233,7 +233,7 @@ def test_release_sizes_keep_the_policy_on_abstract_shapes():
     return {str(e.outvars[0].aval.dtype) for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns if e.primitive.name == 'scan'
             for e in e.params['jaxpr'].jaxpr.eqns if e.primitive.name == 'dot_general'}
 
-  tokenizer = tokenizer_model.build_tokenizer(official.tokenizer, dtype=BF16)
+  tokenizer = tokenizer_model.build_tokenizer(official.tokenizer, dtype=BF16, attention_backend='auto')
   s = tokenizer.settings
   params = abstract_bf16(lambda: tokenizer.init_params(jax.random.key(0)))
   ids = S((1, s.num_tokens(13)), jnp.int32)
@@ -241,10 +241,10 @@ def test_release_sizes_keep_the_policy_on_abstract_shapes():
   assert ids.shape == (1, 1218)
   assert scan_carry_dtypes(decode, params, ids) == [jnp.float32]
   assert 'bfloat16' in dot_dtypes(decode, params, ids)
-  theia = theia_model.build_theia(official.theia, dtype=BF16)
+  theia = theia_model.build_theia(official.theia, dtype=BF16, attention_backend='auto')
   params = abstract_bf16(lambda: theia.init_params(jax.random.key(0)))
   assert scan_carry_dtypes(lambda p, f: theia.apply(p, f), params, S((1, 480, 720, 3), jnp.uint8)) == [jnp.float32]
-  lm = lm_model.build_lm(official.lm, dtype=BF16)
+  lm = lm_model.build_lm(official.lm, dtype=BF16, attention_backend='auto')
   params = abstract_bf16(lambda: lm.init_params(jax.random.key(0)))
   n = 1284
   forward = lambda p, e: lm.apply(p, e, jnp.arange(n)[None], jnp.ones((1, n), bool))
