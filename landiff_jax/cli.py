@@ -626,12 +626,15 @@ def build_parser() -> argparse.ArgumentParser:
       from landiff_jax.bench import BENCHMARKS
       command.add_argument('name', choices=sorted(BENCHMARKS), help='what to benchmark')
       command.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float32'])
-      command.add_argument('--batch', type=int, default=1)
+      command.add_argument('--batch', type=int, default=1, help='examples (train: per batch shard)')
       command.add_argument('--latent-frames', type=int, default=13, help='vae: latent frames to decode')
       command.add_argument('--tokens', type=int, default=1500, help='attention: LM sequence length')
       command.add_argument('--repeats', type=int, default=3, help='timed calls after the first (compiling) one')
       command.add_argument('--no-reference', dest='reference', action='store_false',
                            help='skip the PyTorch reference run')
+      command.add_argument('--stage', default='', choices=[''] + sorted(TRAIN_TASKS),
+                           help='train: which stage\'s training step (configs/train.py:STAGE)')
+      command.add_argument('--tiny', action='store_true', help='train: the tiny sizes (configs/train.py:STAGE,tiny)')
       command.add_argument('--out', default='', help='also write the JSON result to this file')
   return parser
 

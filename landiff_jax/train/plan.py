@@ -147,6 +147,39 @@ def analytic_step_flops(stage: str, config: Any, batch: int) -> float | None:
   return None
 
 
+def largest_batch(compile_at: Any, usable: float, totals: dict[int, int], max_compiles: int = 4
+                  ) -> tuple[int, dict[int, int]]:
+  """The largest per-device batch whose compiled step needs at most `usable` bytes, by secant steps on the
+  compiled totals (`totals`: batch → bytes, at least two batches): memory is nearly, not exactly, linear in the
+  batch (XLA's buffer assignment changes with it), so each guess is compiled and checked. Returns the largest
+  batch known to fit (0: not even 1) and every batch compiled with its bytes."""
+  totals = dict(totals)
+
+  def bounds():
+    fitting = [b for b, t in totals.items() if t <= usable]
+    failing = [b for b, t in totals.items() if t > usable]
+    return max(fitting, default=0), min(failing, default=None)
+
+  for _ in range(max_compiles):
+    low, high = bounds()
+    if high is not None and high <= low + 1:
+      break
+    # the line through the two compiled batches nearest the boundary
+    near = sorted(totals, key=lambda b: (abs(b - low), b))[:2] if high is None else [b for b in (low, high) if b]
+    if len(near) < 2:
+      near = sorted(totals)[:2]
+    (b0, t0), (b1, t1) = sorted((b, totals[b]) for b in near)
+    slope = (t1 - t0) / (b1 - b0)
+    if slope <= 0:
+      break
+    guess = int(b0 + (usable - t0) // slope)
+    guess = max(low + 1, guess if high is None else min(guess, high - 1))
+    if guess in totals:
+      break
+    totals[guess] = compile_at(guess)['total']
+  return bounds()[0], totals
+
+
 def plan_target(stage: str, task: Any, config: Any, target_name: str, per_device_batch: int | None = None,
                 devices: list[Any] | None = None) -> dict:
   """The plan of `stage` (its `task`, built from `config`) on the named target, on `devices` (default: the first
@@ -164,17 +197,15 @@ def plan_target(stage: str, task: Any, config: Any, target_name: str, per_device
   # examples per device: a tensor- (not batch-) sharded axis shares each example between its devices
   compile_at = lambda b: compile_step(task, config.train, config.parallel, mesh, task.example_shapes(b * shards))
   usable = USABLE_FRACTION * target.memory_bytes
+  searched = None
   if per_device_batch:
     batch, first = per_device_batch, compile_at(per_device_batch)
-    per_example, fixed, max_batch = None, None, None
+    per_example, max_batch = None, None
   else:
     batch, first = 1, compile_at(1)
     second = compile_at(2)
     per_example = second['total'] - first['total']
-    fixed = first['total'] - per_example
-    max_batch = int((usable - fixed) // per_example) if per_example > 0 else None
-    if max_batch is not None and max_batch < 1:
-      max_batch = 0
+    max_batch, searched = largest_batch(compile_at, usable, {1: first['total'], 2: second['total']})
   params = first['trainable_params'] + first['frozen_params'] + first['ema_params']
   state = params + first['optimizer_state']
   activations = None if per_example is None else per_example * batch
@@ -184,6 +215,9 @@ def plan_target(stage: str, task: Any, config: Any, target_name: str, per_device
   step_flops = analytic if analytic is not None else first['xla_flops_per_device'] * len(devices)
   per_device_flops = step_flops / len(devices)
   gib = lambda b: None if b is None else round(b / 2**30, 3)
+  parts = {'parameters': params, 'optimizer_state': first['optimizer_state'], 'batch': first['batch'],
+           'activations': activations, 'temporaries': temporaries, 'total': first['total'],
+           'per_extra_example': per_example}
   return {
       'stage': stage, 'target': target_name, 'target_devices': target.devices,
       'target_memory_gib': gib(target.memory_bytes), 'usable_gib': gib(usable),
@@ -192,17 +226,15 @@ def plan_target(stage: str, task: Any, config: Any, target_name: str, per_device
       'remat_policy': str(config.get('remat_policy', '')),
       'parameters': {'trainable': first['trainable'], 'frozen': first['frozen']},
       'per_device_batch': batch, 'global_batch': global_batch,
-      'per_device_gib': {
-          'parameters': gib(params), 'optimizer_state': gib(first['optimizer_state']), 'batch': gib(first['batch']),
-          'activations': gib(activations),
-          # batch-independent working memory (gradients, gathered FSDP weights, the optimizer update), plus, when
-          # only one batch was compiled, the activations too
-          'temporaries': gib(temporaries),
-          'total': gib(first['total']),
-          'per_extra_example': gib(per_example),
-      },
+      # activations: what each example adds (kept for the backward pass, and their temporaries); temporaries:
+      # batch-independent working memory (gradients, gathered FSDP weights, the optimizer update), plus the
+      # activations when only one batch was compiled (--per-device-batch)
+      'per_device_gib': {name: gib(value) for name, value in parts.items()},
+      'per_device_bytes': {name: None if value is None else int(value) for name, value in parts.items()},
       'fits': bool(first['total'] <= usable),
       'max_per_device_batch': max_batch,
+      # every batch compiled in the search and its per-device bytes (the answer is exact when max + 1 is among them)
+      'batches_compiled': None if searched is None else {b: int(v) for b, v in sorted(searched.items())},
       'flops_per_step': step_flops, 'flops_source': 'analytic' if analytic is not None else 'xla_cost_analysis',
       'tflops_per_step_per_device': round(per_device_flops / 1e12, 3),
       'step_seconds_at_peak': round(per_device_flops / target.peak_flops, 4) if target.peak_flops else None,
