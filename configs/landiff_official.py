@@ -306,7 +306,7 @@ def get_config():
   config.param_dtype = 'float32'
   config.storage_dtype = 'bfloat16'
   config.compute_dtype = 'bfloat16'
-  config.attention_backend = 'xla'
+  config.attention_backend = 'auto'
   # an explicitly chosen backend that would hold more than this many GiB of attention scores at once is refused
   config.attention_max_scores_gib = 4.0
   config.remat_policy = 'nothing_saveable'

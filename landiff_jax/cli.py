@@ -13,6 +13,7 @@ import sys
 
 from landiff_jax import __version__
 from landiff_jax import config as config_lib
+from landiff_jax.attention_limit import DEFAULT_MAX_SCORES_GIB, scores_limit
 
 DEFAULT_CONFIG = 'configs/landiff_official.py'
 # The built-in demo (configs/shapes_demo.py trained by launch/train_demo.sh): `generate` and `eval` use it when no
@@ -445,7 +446,7 @@ def cmd_plan(args, config) -> int:
   return 0
 
 
-def tokenizer_parts(ckpt: str):
+def tokenizer_parts(ckpt: str, attention_backend: str):
   """(theia, tokenizer) (model, params) pairs of a pipeline directory converted with Theia."""
 
   from landiff_jax import checkpoints
@@ -453,7 +454,8 @@ def tokenizer_parts(ckpt: str):
     if not os.path.isdir(os.path.join(ckpt, part)):
       raise ValueError(f'{ckpt} has no {part}/ model directory; convert it (`landiff-jax convert all ... --theia DIR`, '
                        f'or `landiff-jax convert {part} --src ... --dst {os.path.join(ckpt, part)}`).')
-  return checkpoints.load(os.path.join(ckpt, 'theia')), checkpoints.load(os.path.join(ckpt, 'tokenizer'))
+  return tuple(checkpoints.load(os.path.join(ckpt, part), attention_backend=attention_backend)
+               for part in ('theia', 'tokenizer'))
 
 
 def encode_video(args, config):
@@ -463,9 +465,9 @@ def encode_video(args, config):
   from landiff_jax import pipeline
   from landiff_jax.data.video import read_video
   from landiff_jax.models import theia, tokenizer
-  (theia_model, theia_params), (tok_model, tok_params) = tokenizer_parts(args.ckpt)
   if os.path.isfile(os.path.join(args.ckpt, pipeline.CONFIG_FILE)):  # the directory's own sizes, then overrides
     config = config_lib.apply_overrides(pipeline.load_config(args.ckpt), args.overrides)
+  (theia_model, theia_params), (tok_model, tok_params) = tokenizer_parts(args.ckpt, config.attention_backend)
   frames = args.frames or int(config.tokenizer.frames_per_group)
   video = read_video(args.video, num_frames=frames, size=(int(config.video.height), int(config.video.width)))
   features = theia.video_features(theia_model, theia_params, video[None])
@@ -655,7 +657,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f'landiff-jax: error: {e}', file=sys.stderr)
     return 2
   handler, _ = COMMANDS[args.command]
-  return handler(args, config)
+  try:
+    limit = scores_limit(config.get('attention_max_scores_gib', DEFAULT_MAX_SCORES_GIB))
+  except ValueError as e:
+    print(f'landiff-jax: error: {e}', file=sys.stderr)
+    return 2
+  with limit:  # every command traces its attention under the config's scores limit
+    return handler(args, config)
 
 
 def run() -> None:

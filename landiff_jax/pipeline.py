@@ -94,8 +94,6 @@ class Pipeline:
     mesh = mesh or parallel.make_mesh(config.parallel.mesh)
     rules = parallel.logical_rules(config.parallel)
     backend = config.attention_backend
-    if backend == 'xla' and jax.default_backend() == 'gpu':
-      backend = 'cudnn'  # the xla reference would materialise every score matrix at full size
     parts = {}
     for name in PARTS:
       kwargs = {'attention_backend': backend} if name in ('dit', 'lm', 'tokenizer') else {}

@@ -1,5 +1,7 @@
-"""The attention entry point: 'xla' against a naive numpy softmax, 'cudnn' fallback and plumbing, errors."""
+"""The attention entry point: 'xla' and 'blockwise' against a naive numpy softmax, 'cudnn' fallback and plumbing,
+errors."""
 
+import functools
 import sys
 import warnings
 
@@ -72,49 +74,57 @@ def _kind(name):
   return name.split('_')[0]
 
 
+DENSE_AND_BLOCKWISE = ['xla', 'blockwise']
+
+
+@pytest.mark.parametrize('backend', DENSE_AND_BLOCKWISE)
 @pytest.mark.parametrize('name', list(CASES))
-def test_xla_matches_numpy_for_every_mask(name):
+def test_matches_numpy_for_every_mask(name, backend):
   mask, lq, lk, q_offset = CASES[name]
   q, k, v = random_qkv(2, lq, lk, 4, 4, 8, seed=1)
-  got = attention_jit(q, k, v, mask, q_offset=q_offset)
+  got = attention_jit(q, k, v, mask, q_offset=q_offset, backend=backend)
   allowed = np.broadcast_to(dense_rule(_kind(name), lq, lk, q_offset), (2, lq, lk))
   np.testing.assert_allclose(np.asarray(got), numpy_attention(q, k, v, allowed), atol=2e-5)
 
 
+@pytest.mark.parametrize('backend', DENSE_AND_BLOCKWISE)
 @pytest.mark.parametrize('name', ['full', 'causal_offset', 'encoder'])
-def test_xla_with_kv_padding_and_grouped_heads(name):
+def test_kv_padding_and_grouped_heads(name, backend):
   mask, lq, lk, q_offset = CASES[name]
   q, k, v = random_qkv(3, lq, lk, 6, 2, 8, seed=2)
   kv_valid = np.ones((3, lk), bool)
   kv_valid[1, -3:] = False  # right padding
   kv_valid[2, :2] = False  # left padding (batched LM prompts): some causal / frame-causal rows lose every key
-  got = attention_jit(q, k, v, mask, kv_valid=jnp.asarray(kv_valid), q_offset=q_offset, scale=0.3)
+  got = attention_jit(q, k, v, mask, kv_valid=jnp.asarray(kv_valid), q_offset=q_offset, scale=0.3, backend=backend)
   allowed = dense_rule(_kind(name), lq, lk, q_offset)[None] & kv_valid[:, None, :]
   np.testing.assert_allclose(np.asarray(got), numpy_attention(q, k, v, allowed, scale=0.3), atol=2e-5)
 
 
-def test_rows_without_keys_are_zero_and_have_finite_gradients():
+@pytest.mark.parametrize('backend', DENSE_AND_BLOCKWISE)
+def test_rows_without_keys_are_zero_and_have_finite_gradients(backend):
   q, k, v = random_qkv(1, 4, 4, 2, 1, 8, seed=3)
   kv_valid = jnp.array([[False, False, True, True]])
-  out = attention_jit(q, k, v, MaskSpec.causal(), kv_valid=kv_valid)
+  out = attention_jit(q, k, v, MaskSpec.causal(), kv_valid=kv_valid, backend=backend)
   np.testing.assert_array_equal(np.asarray(out[0, :2]), 0.0)
   assert np.abs(np.asarray(out[0, 2:])).sum() > 0
-  grads = jax.jit(jax.grad(lambda q, k, v: attention(q, k, v, MaskSpec.causal(), kv_valid=kv_valid).sum(),
-                           argnums=(0, 1, 2)))(q, k, v)
+  loss = lambda q, k, v: attention(q, k, v, MaskSpec.causal(), kv_valid=kv_valid, backend=backend).sum()
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
   assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
 
-def test_single_kv_head_and_bf16():
+@pytest.mark.parametrize('backend', DENSE_AND_BLOCKWISE)
+def test_single_kv_head_and_bf16(backend):
   q, k, v = random_qkv(2, 5, 5, 4, 1, 16, seed=4, dtype=jnp.bfloat16)
-  got = attention_jit(q, k, v, MaskSpec.causal())
+  got = attention_jit(q, k, v, MaskSpec.causal(), backend=backend)
   assert got.dtype == jnp.bfloat16
   allowed = np.broadcast_to(dense_rule('causal', 5, 5), (2, 5, 5))
   np.testing.assert_allclose(np.asarray(got, np.float32), numpy_attention(q, k, v, allowed), atol=3e-2)
 
 
-def test_under_jit_with_static_mask_and_traced_offset():
+@pytest.mark.parametrize('backend', DENSE_AND_BLOCKWISE)
+def test_under_jit_with_static_mask_and_traced_offset(backend):
   q, k, v = random_qkv(2, 2, 9, 4, 2, 8, seed=5)
-  fn = attention_jit
+  fn = functools.partial(attention_jit, backend=backend)
   for offset in (0, 4, 7):
     got = fn(q, k, v, MaskSpec.causal(), q_offset=jnp.int32(offset))
     allowed = np.broadcast_to(dense_rule('causal', 2, 9, offset), (2, 2, 9))
@@ -125,11 +135,12 @@ def test_under_jit_with_static_mask_and_traced_offset():
   np.testing.assert_allclose(np.asarray(fn(q, k, v, mask)), numpy_attention(q, k, v, allowed), atol=2e-5)
 
 
-def test_under_vmap():
+@pytest.mark.parametrize('backend', DENSE_AND_BLOCKWISE)
+def test_under_vmap(backend):
   q, k, v = random_qkv(6, 19, 19, 2, 1, 8, seed=7)
   stacked = [a.reshape(3, 2, *a.shape[1:]) for a in (q, k, v)]
   mask = MaskSpec.encoder(LAYOUT)
-  got = jax.jit(jax.vmap(lambda q, k, v: attention(q, k, v, mask)))(*stacked).reshape(6, 19, 2, 8)
+  got = jax.jit(jax.vmap(lambda q, k, v: attention(q, k, v, mask, backend=backend)))(*stacked).reshape(6, 19, 2, 8)
   allowed = np.broadcast_to(dense_rule('encoder', 19, 19), (6, 19, 19))
   np.testing.assert_allclose(np.asarray(got), numpy_attention(q, k, v, allowed), atol=2e-5)
 
@@ -143,7 +154,7 @@ def test_jax_nn_path_mask_plumbing_matches_xla(name, padded):
   kv_valid = None
   if padded:
     kv_valid = jnp.ones((2, lk), bool).at[1, :2].set(False)
-  want = attention_jit(q, k, v, mask, kv_valid=kv_valid, q_offset=q_offset)
+  want = attention_jit(q, k, v, mask, kv_valid=kv_valid, q_offset=q_offset, backend='xla')
   got = jax.jit(jax_nn_attention, static_argnames=('mask', 'scale', 'implementation'))(
       q, k, v, mask, kv_valid=kv_valid, q_offset=q_offset, scale=1 / np.sqrt(8), implementation='xla')
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
@@ -154,9 +165,9 @@ def test_cudnn_on_cpu_warns_once_and_falls_back(monkeypatch):
   monkeypatch.setattr(attention_module, '_warned', set())
   q, k, v = random_qkv(2, 19, 19, 4, 2, 8, seed=9)
   mask = MaskSpec.encoder(LAYOUT)
-  with pytest.warns(UserWarning, match=r"'cudnn' is unavailable .*CUDA GPU.*falling back to 'xla'"):
+  with pytest.warns(UserWarning, match=r"'cudnn' is unavailable .*CUDA GPU.*falling back to 'blockwise'"):
     got = attention_jit(q, k, v, mask, backend='cudnn')
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(attention_jit(q, k, v, mask, backend='xla')))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(attention_jit(q, k, v, mask, backend='xla')), atol=1e-5)
   assert np.abs(np.asarray(got)).sum() > 0
   with warnings.catch_warnings():
     warnings.simplefilter('error')
@@ -165,7 +176,7 @@ def test_cudnn_on_cpu_warns_once_and_falls_back(monkeypatch):
 
 def test_unknown_backend_and_bad_shapes_rejected():
   q, k, v = random_qkv(1, 4, 4, 4, 2, 8)
-  with pytest.raises(ValueError, match=r"'flash'.*'cudnn', 'pallas', 'splash', 'xla'"):
+  with pytest.raises(ValueError, match=r"'flash'.*'auto', 'blockwise', 'cudnn', 'pallas', 'splash', 'xla'"):
     attention(q, k, v, MaskSpec.full(), backend='flash')
   with pytest.raises(ValueError, match='multiple'):
     attention(q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2), MaskSpec.full())

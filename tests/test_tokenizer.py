@@ -290,7 +290,7 @@ def test_bench_tokenizer_reports_every_backend(tmp_path):
                str(out)]) == 0
   backends = json.loads(out.read_text())['backends']
   assert backends['xla']['encode']['median_s'] > 0 and backends['xla']['tokens'] == 7
-  assert set(backends) == {'xla', 'cudnn', 'pallas', 'splash'}
+  assert set(backends) == {'xla', 'blockwise', 'cudnn', 'pallas', 'splash'}
 
 
 def test_encode_and_decode_sharded_under_a_mesh_match_one_device(converted, model, cfg):

@@ -25,7 +25,7 @@ from landiff_jax.nn.masks import MaskSpec, VideoTokenLayout
 
 attention_lib = importlib.import_module('landiff_jax.nn.attention')
 
-JAX_PATHS = ('pallas', 'xla', 'jax_nn', 'splash')
+JAX_PATHS = ('pallas', 'xla', 'blockwise', 'jax_nn', 'splash')
 BACKWARD_FLOP_RATIO = 2.5  # the backward pass does 5 of the 7 block matmuls of forward+backward
 
 

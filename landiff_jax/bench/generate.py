@@ -20,8 +20,6 @@ from landiff_jax.pipeline import PARTS, Pipeline
 def random_pipeline(config: Any, dtype: Any) -> Pipeline:
   parts = {}
   backend = config.attention_backend
-  if backend == 'xla' and jax.default_backend() == 'gpu':
-    backend = 'cudnn'
   for name in PARTS:
     section = (config if name == 'dit' else config[name])
     kwargs = {'attention_backend': backend} if name in ('dit', 'lm', 'tokenizer') else {}

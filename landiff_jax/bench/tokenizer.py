@@ -17,7 +17,7 @@ from landiff_jax.nn import available_backends
 
 attention_lib = importlib.import_module('landiff_jax.nn.attention')
 
-BACKENDS = ('xla', 'cudnn', 'pallas', 'splash')
+BACKENDS = ('xla', 'blockwise', 'cudnn', 'pallas', 'splash')
 
 
 def run_backend(config: Any, options: Any, backend: str, features: np.ndarray) -> dict:

@@ -47,6 +47,7 @@ class DiffusionTask(StageTask):
     super().__init__(config, examples)
     dtype = jnp.dtype(config.compute_dtype)
     self.model = dit_model.build_dit(config, dtype=dtype, remat_policy=config.remat_policy,
+                                     attention_backend=config.attention_backend,
                                      num_control_layers=None if self.with_control else 0)
     if self.with_control and (not self.model.num_control_layers or self.model.upsampler is None):
       raise ValueError('diffusion training needs control.num_layers > 0 and an upsampler section.')

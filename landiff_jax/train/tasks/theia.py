@@ -34,10 +34,11 @@ class SemanticViT(nn.Module):
   num_classes: int
   cells: int = CELLS_PER_PATCH
   dtype: Any = jnp.float32
+  attention_backend: str = 'auto'
 
   @nn.compact
   def __call__(self, frames: jax.Array) -> jax.Array:
-    features = Theia(self.settings, dtype=self.dtype, name='vit')(frames)
+    features = Theia(self.settings, self.attention_backend, dtype=self.dtype, name='vit')(frames)
     b, h, w, _ = features.shape
     c = self.cells
     logits = Dense(c * c * self.num_classes, kernel_axes=('embed', None), dtype=self.dtype, name='head')(features)
@@ -70,7 +71,7 @@ class TheiaTask(StageTask):
     super().__init__(config, examples)
     self.cell = cell_size(config.theia)
     self.model = SemanticViT(TheiaSettings.from_config(config.theia), NUM_SEMANTIC_CLASSES,
-                             dtype=jnp.dtype(config.compute_dtype))
+                             dtype=jnp.dtype(config.compute_dtype), attention_backend=config.attention_backend)
 
   def example_shapes(self, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
     v = self.config.video

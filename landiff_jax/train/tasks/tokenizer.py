@@ -58,7 +58,8 @@ class TokenizerTask(StageTask):
       raise ValueError(f'train.frozen must include {list(REQUIRED_FROZEN)} (the codebook learns by EMA, not by the '
                        f'optimizer); use configs/train.py:tokenizer or add {missing}.')
     self.model = tokenizer_model.build_tokenizer(config.tokenizer, dtype=jnp.dtype(config.compute_dtype),
-                                                 remat_policy=config.remat_policy)
+                                                 remat_policy=config.remat_policy,
+                                                 attention_backend=config.attention_backend)
     self.decay, self.threshold = float(q.ema_decay), float(q.dead_code_threshold)
     self.commitment_weight, self.reconstruction_weight = float(q.commitment_weight), float(q.reconstruction_weight)
     self.kmeans_init = bool(q.kmeans_init)
