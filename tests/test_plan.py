@@ -91,7 +91,7 @@ def test_release_sizes_are_planned(release_plans_h100x8):
 
 
 def test_largest_batch_is_searched_and_fits(monkeypatch):
-  """A 40 MiB device: the largest batch the search reports fits, and the next one up does not."""
+  """A 40 MiB device: the largest batch the search reports fits (also compiled alone), the next one up does not."""
   monkeypatch.setitem(plan_lib.TARGETS, 'small8', plan_lib.Target(8, 40 * 2**20, 'NVIDIA H100', 'test'))
   searched, _ = stage_plan('lm', 'small8', ',tiny')
   largest, usable = searched['max_per_device_batch'], 0.9 * 40 * 2**20
@@ -100,8 +100,6 @@ def test_largest_batch_is_searched_and_fits(monkeypatch):
   assert compiled[largest] <= usable < compiled[largest + 1], compiled
   at_largest, _ = stage_plan('lm', 'small8', ',tiny', per_device_batch=largest)
   assert at_largest['fits'] and at_largest['global_batch'] == 8 * largest
-  too_big, _ = stage_plan('lm', 'small8', ',tiny', per_device_batch=largest + 1)
-  assert not too_big['fits']
 
 
 def test_a_target_with_more_devices_is_simulated_in_a_child_process(capfd):
