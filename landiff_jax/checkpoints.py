@@ -201,30 +201,56 @@ def read_meta(path: str) -> dict[str, Any]:
   if not os.path.isfile(config_path):
     raise CheckpointError(f'{path} is not a landiff-jax model directory (no {CONFIG_FILE}); convert the official '
                           'checkpoint first with `landiff-jax convert`.')
-  with open(config_path) as f:
-    meta = json.load(f)
-  if meta.get('format') != FORMAT:
-    raise CheckpointError(f'{config_path} is not a landiff-jax model config (format {meta.get("format")!r}).')
+  try:
+    with open(config_path) as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f'{config_path} cannot be read ({_first_line(e)}); convert or export the model again.') from None
+  if not isinstance(meta, dict) or meta.get('format') != FORMAT:
+    found = meta.get('format') if isinstance(meta, dict) else None
+    raise CheckpointError(f'{config_path} is not a landiff-jax model config (format {found!r}); convert the model with '
+                          '`landiff-jax convert`.')
   if meta.get('format_version', 0) > FORMAT_VERSION:
     raise CheckpointError(f'{path} was written by a newer landiff-jax (format {meta["format_version"]}); upgrade.')
   return meta
 
 
-def load_params(path: str, shardings: Any = None) -> Any:
+def load_params(path: str, shardings: Any = None, dtype: Any = None) -> Any:
   """The parameter tree of a model directory; placed in `shardings` when given: a matching tree, or a function
-  `(key_path, leaf metadata) -> Sharding` called per stored leaf."""
+  `(key_path, leaf metadata) -> Sharding` called per stored leaf. With `dtype`, floating leaves are cast to it while
+  they are read (on the host, leaf by leaf), so a float32 directory loads as bfloat16 without ever holding its
+  float32 copy on the device, and the other way round."""
   params_path = os.path.join(os.path.abspath(path), PARAMS_DIR)
   if not os.path.isdir(params_path):
     raise CheckpointError(f'{path} has no {PARAMS_DIR}/ directory; the conversion did not finish. Convert again.')
   checkpointer = ocp.StandardCheckpointer()
-  metadata = checkpointer.metadata(params_path).item_metadata.tree
+  try:
+    metadata = checkpointer.metadata(params_path).item_metadata.tree
+  except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds)
+    raise CheckpointError(f'{params_path} cannot be read ({_first_line(e)}); the directory is damaged or '
+                          f'incomplete: convert or export it again.') from None
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's (multi-host: not devices()[0])
     shardings = jax.tree.map(lambda _: device, metadata)
   elif callable(shardings):
     shardings = jax.tree_util.tree_map_with_path(shardings, metadata)
-  target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), metadata, shardings)
-  return checkpointer.restore(params_path, target)
+  cast = (lambda stored: stored) if dtype is None else functools.partial(_load_dtype, np.dtype(jax.numpy.dtype(dtype)))
+  target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, cast(np.dtype(m.dtype)), sharding=s), metadata,
+                        shardings)
+  try:
+    return checkpointer.restore(params_path, target)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f'{params_path} cannot be read ({_first_line(e)}); its files are truncated or corrupt: '
+                          f'convert or export it again.') from None
+
+
+def _load_dtype(dtype: np.dtype, stored: np.dtype) -> np.dtype:
+  return dtype if np.issubdtype(stored, np.floating) or stored == jax.numpy.bfloat16 else stored
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+  text = ' '.join(str(error).split()) or type(error).__name__
+  return text if len(text) <= limit else text[:limit] + ' …'
 
 
 def build_model(part: str, config: ml_collections.ConfigDict, **model_kwargs) -> Any:
@@ -246,11 +272,15 @@ def part_config(config: ml_collections.ConfigDict, part: str) -> ml_collections.
   return ml_collections.ConfigDict({name: config[name].to_dict() for name in sections})
 
 
-def load(path: str, *, shardings: Any = None, **model_kwargs) -> tuple[Any, Any]:
-  """(model, params) of any model directory; `model_kwargs` (e.g. dtype) go to the model's builder."""
+def load(path: str, *, shardings: Any = None, param_dtype: Any = None, **model_kwargs) -> tuple[Any, Any]:
+  """(model, params) of any model directory; `model_kwargs` (e.g. dtype, the compute dtype) go to the model's
+  builder. Floating parameters load in `param_dtype`; without it in `model_kwargs['dtype']` when that is given
+  (an explicit dtype covers both), else as stored (`convert --dtype`: bfloat16 by default)."""
   meta = read_meta(path)
   config = ml_collections.ConfigDict(meta['config'])
-  return build_model(meta['part'], config, **model_kwargs), load_params(path, shardings)
+  if param_dtype is None:
+    param_dtype = model_kwargs.get('dtype')
+  return build_model(meta['part'], config, **model_kwargs), load_params(path, shardings, dtype=param_dtype)
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:

@@ -138,8 +138,8 @@ def test_part_config_is_the_sections_a_model_directory_stores():
 def test_model_directory_round_trip(tmp_path, toy_part):
   dst = checkpoints.save(str(tmp_path / 'toy'), part='toy', config=toy_part, params=_params(), source='/x.pt')
   assert sorted(os.listdir(tmp_path)) == ['toy']  # no temporary directory left behind
-  model, params = checkpoints.load(dst, dtype='bf16')
-  assert model == ('toy-model', 4, {'dtype': 'bf16'})
+  model, params = checkpoints.load(dst, dtype='bfloat16')
+  assert model == ('toy-model', 4, {'dtype': 'bfloat16'})
   assert params['dense']['bias'].dtype == jnp.bfloat16
   np.testing.assert_array_equal(params['dense']['kernel'], _params()['dense']['kernel'])
   assert checkpoints.read_meta(dst)['source'] == '/x.pt'
@@ -177,3 +177,35 @@ def test_reading_something_that_is_not_a_model_directory(tmp_path):
     checkpoints.load(str(tmp_path))
   with pytest.raises(checkpoints.CheckpointError, match='unknown model part'):
     checkpoints.save(str(tmp_path / 'x'), part='nope', config=ml_collections.ConfigDict(), params={})
+
+
+def test_legacy_format_numpy_1x_names_and_damage(tmp_path):
+  """torch's pre-zip format is read whole; globals numpy 1.x wrote (`numpy.core.…`) are the same allowlisted
+  constructors; a file cut short is reported as truncated, not as unsafe."""
+  path = tmp_path / 'legacy.pt'
+  torch.save({'module': {'w': torch.ones(2)}, 'steps': np.arange(3), 'rng': np.random.RandomState(0).get_state(),
+              'args': argparse.Namespace(lr=1e-4)}, path, _use_new_zipfile_serialization=False)
+  data = path.read_bytes()
+  assert b'numpy._core.multiarray' in data
+  path.write_bytes(data.replace(b'numpy._core.multiarray', b'numpy.core.multiarray'))  # as numpy 1.x pickles
+  np.testing.assert_array_equal(io.load_state_dict(str(path))['w'], np.ones(2, np.float32))
+  cut = tmp_path / 'cut.pt'
+  cut.write_bytes(data[:-20])
+  with pytest.raises(ConversionError, match='truncated or corrupt'):
+    io.load_state_dict(str(cut))
+  (tmp_path / 'cut.safetensors').write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"w"')
+  with pytest.raises(ConversionError, match='truncated or corrupt'):
+    io.load_state_dict(str(tmp_path / 'cut.safetensors'))
+
+
+def test_deepspeed_folders_resolve_through_latest(tmp_path):
+  (tmp_path / 'run' / 'global_step7').mkdir(parents=True)
+  (tmp_path / 'run' / 'latest').write_text('global_step7')
+  torch.save({'module': {'w': torch.zeros(2)}}, tmp_path / 'run' / 'global_step7' / 'mp_rank_00_model_states.pt')
+  assert io.load_state_dict(str(tmp_path / 'run')).source.endswith('global_step7/mp_rank_00_model_states.pt')
+  (tmp_path / 'run' / 'latest').write_text('global_step9')
+  with pytest.raises(ConversionError, match='names the checkpoint'):
+    io.load_state_dict(str(tmp_path / 'run'))
+  torch.save({'module': {}}, tmp_path / 'run' / 'global_step7' / 'mp_rank_01_model_states.pt')
+  with pytest.raises(ConversionError, match='2 model-parallel ranks'):
+    io.load_state_dict(str(tmp_path / 'run' / 'global_step7'))

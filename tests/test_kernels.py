@@ -244,3 +244,45 @@ def test_bench_attention_reports_every_path(tmp_path, monkeypatch):
     assert entry['paths']['pallas']['forward_backward']['median_s'] > 0
     assert entry['paths']['xla']['time_vs_pallas']['forward'] > 0
   assert cases['lm_causal_b2']['blocks_skipped'] == 0  # 40 tokens fit one 128-row block
+
+
+def test_tiles_come_from_the_table_and_other_tiles_and_launch_orders_equal_xla():
+  from landiff_jax.kernels import flash_attention as fa
+  assert fa.tiles_for(64, 'frame_causal_decoder') == fa.TUNED_TILES[(64, 'frame_causal_decoder')]
+  assert fa.tiles_for(128, 'full') == fa.Tiles(64, 64, 8, 2)  # not in the table: the head dim's default
+  spec = MaskSpec.decoder(MID)
+  q, k, v = (jax.random.normal(key, (1, MID.length, 2, 16)) for key in jax.random.split(jax.random.key(5), 3))
+  want = attention_lib.xla_attention(q, k, v, spec, scale=0.25)
+  cotangent = jax.random.normal(jax.random.key(6), q.shape)
+  grads = lambda fn: jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * cotangent), (0, 1, 2))(q, k, v)
+  want_grads = grads(lambda q, k, v: attention_lib.xla_attention(q, k, v, spec, scale=0.25))
+  for tiles in (fa.Tiles(16, 32, 8, 3, heavy_first=True),):  # another tile shape, launched last row first
+    kernel = lambda q, k, v, tiles=tiles: fa.flash_attention(q, k, v, spec, scale=0.25, tiles=tiles, interpret=True)
+    np.testing.assert_allclose(np.asarray(kernel(q, k, v)), np.asarray(want), atol=1e-5)
+    for got, expected in zip(grads(kernel), want_grads):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
+
+
+def test_bench_attention_sweep_times_each_candidate_and_prints_the_table(tmp_path, monkeypatch):
+  import json
+  from landiff_jax.bench import attention as bench_attention
+  from landiff_jax.cli import main
+  from landiff_jax.kernels import flash_attention as fa
+  monkeypatch.setenv(attention_lib.INTERPRET_ENV, '1')
+  monkeypatch.setitem(fa.SWEEP_TILES, 16, (fa.Tiles(32, 16, 4, 3, True), fa.Tiles(16, 32, 8, 2)))
+  monkeypatch.setattr(fa, 'TUNED_TILES', {(16, 'causal'): fa.Tiles(16, 16, 4, 2)})  # tuned first, then candidates
+  every_case = bench_attention.cases
+  monkeypatch.setattr(bench_attention, 'cases', lambda *a: [c for c in every_case(*a)
+                                                            if c['name'] in ('tokenizer_decoder_b1', 'lm_causal_b2')])
+  out = tmp_path / 'sweep.json'
+  assert main(['bench', 'attention', '--config=configs/tiny.py', '--repeats', '1', '--dtype', 'float32',
+               '--tokens', '40', '--no-reference', '--sweep', '2', '--out', str(out)]) == 0
+  result = json.loads(out.read_text())
+  for name, entry in result['cases'].items():
+    tuned = 'pallas_16x16_w4_s2' if name == 'lm_causal_b2' else 'pallas_128x64_w4_s2'  # (the default for d 16)
+    assert set(entry['paths']) == {tuned, 'pallas_32x16_w4_s3_heavy_first', 'cudnn'}  # tuned + 1 candidate
+    assert entry['paths'][tuned]['forward_backward']['median_s'] > 0
+    assert 'skipped' in entry['paths']['cudnn']
+  assert set(result['best_tiles']) == {'16/frame_causal_decoder', '16/causal'}
+  assert result['best_tiles']['16/causal']['line'].startswith("(16, 'causal'): Tiles(")
+  assert result['table'].count('\n') == 2 + 2 * 3 - 1  # header, separator, 2 cases × (2 candidates + cudnn)

@@ -44,6 +44,13 @@ def write_t5(directory, c, seed):
                                extra_ids=0).save_pretrained(directory)
 
 
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache_in_a_temporary_folder(tmp_path_factory):
+  """`main([...])` sets up the persistent compilation cache (once per process): here, never the user's folder."""
+  from landiff_jax import runtime
+  os.environ.setdefault(runtime.CACHE_ENV, str(tmp_path_factory.getbasetemp() / 'xla-cache'))
+
+
 @pytest.fixture(scope='module')
 def release(tmp_path_factory):
   """Every file of the release layout (reference §1), random weights at the tiny config's widths."""
@@ -196,13 +203,73 @@ def test_bad_inputs(release, converted, tmp_path, capsys):
   assert not (tmp_path / 'lm').exists()
 
 
-def test_bench_generate_times_every_stage(tmp_path):
+def test_bench_generate_loads_from_disk_and_a_second_process_reuses_the_compiled_programs(tmp_path):
+  """The benchmark writes a random pipeline in the storage dtype, then generates in fresh processes sharing one
+  compilation cache: the second spends at most a fifth of the first one's compile time; 'stage' offload gives the
+  same video as 'none'."""
   import json
   out = tmp_path / 'bench.json'
-  assert main(['bench', 'generate', '--config=configs/tiny.py', '--dtype', 'float32', '--out', str(out)]) == 0
+  assert main(['bench', 'generate', '--config=configs/tiny.py', '--out', str(out)]) == 0
   result = json.loads(out.read_text())
-  assert result['video_shape'] == [9, 32, 48, 3]
-  assert set(result['seconds']) >= {'semantic tokens (LM)', 'frames (VAE)', 'total'}
+  assert result['video_shape'] == [9, 32, 48, 3] and result['storage_dtype'] == 'float32'
+  none, stage = result['modes']['none'], result['modes']['stage']
+  assert set(none['seconds']) >= {'semantic tokens (LM)', 'frames (VAE)', 'total'}
+  first, cached = none['first_process_compile'], none['cached_process_compile']
+  assert first['cache_misses'] > 10 and cached['cache_misses'] == 0 and cached['cache_hits'] >= first['cache_misses']
+  assert cached['compile_s'] <= first['compile_s'] / 5
+  assert len({*none['video_sha256'].values(), *stage['video_sha256'].values()}) == 1
+
+
+def test_stage_offload_keeps_one_stage_on_the_device_and_gives_the_same_video(converted, pipe):
+  offloaded = pipeline.load(converted, offload='stage')
+  assert offloaded._resident == set()  # pylint: disable=protected-access
+  want = pipe.generate(PROMPT, seed=5, dit_steps=2)
+  got = offloaded.generate(PROMPT, seed=5, dit_steps=2)
+  np.testing.assert_array_equal(got.video, want.video)
+  np.testing.assert_array_equal(got.ids, want.ids)
+  assert offloaded._resident == {'vae'}  # pylint: disable=protected-access
+  assert all(isinstance(p, np.ndarray) for p in jax.tree.leaves(offloaded.parts['dit'][1].params))
+
+
+def test_prompts_of_different_lengths_compile_the_lm_text_encoder_once(pipe):
+  from landiff_jax.models import t5 as t5_model
+  short, longer = 'a red', 'a red circle'
+  limit = int(pipe.config.t5_lm.max_length)
+  lengths = [int(t5_model.tokenize(pipe.text_tokenizers['t5_lm'], [p], limit, False)[1].sum()) for p in (short, longer)]
+  assert lengths[0] < lengths[1] < limit
+  first = pipe.lm_text(short)
+  compiled = t5_model._encode._cache_size()  # pylint: disable=protected-access
+  second = pipe.lm_text(longer)
+  assert t5_model._encode._cache_size() == compiled  # pylint: disable=protected-access
+  assert first.shape[0] == lengths[0] and second.shape[0] == lengths[1]
+  model, params = pipe.parts['t5_lm']
+  ids, mask = t5_model.tokenize(pipe.text_tokenizers['t5_lm'], [longer], limit, False)  # unpadded
+  np.testing.assert_allclose(second, np.asarray(t5_model.encode(model, params, ids, mask))[0], atol=1e-5)
+
+
+def test_a_truncated_model_directory_is_one_line_naming_it(converted, tmp_path, capsys):
+  import shutil
+  broken = tmp_path / 'pipe'
+  shutil.copytree(converted, broken)
+  data = max((p for p in (broken / 'lm' / 'params').rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+  data.write_bytes(data.read_bytes()[:data.stat().st_size // 3])
+  out = tmp_path / 'v.mp4'
+  assert main(['generate', '--ckpt', str(broken), '--prompt', PROMPT, '--out', str(out), '--steps', '1']) == 1
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and str(broken / 'lm' / 'params') in err and 'again' in err, err
+  assert not out.exists() and sorted(os.listdir(tmp_path)) == ['pipe']
+
+
+def test_loading_casts_parameters_to_the_storage_dtype(converted):
+  cfg = pipeline.load_config(converted)
+  cfg.storage_dtype = 'bfloat16'
+  pipe16 = pipeline.load(converted, config=cfg)
+  leaves = jax.tree.leaves(pipe16.parts['dit'][1])
+  bf16, f32 = np.dtype(jax.numpy.bfloat16), np.dtype(np.float32)
+  assert {p.dtype for p in leaves if jax.numpy.issubdtype(p.dtype, jax.numpy.floating)} == {bf16}
+  assert pipe16.parts['dit'][0].dtype == f32  # compute stays config.compute_dtype
+  explicit = pipeline.load(converted, config=cfg, dtype='float32')  # an explicit dtype overrides
+  assert {p.dtype for p in jax.tree.leaves(explicit.parts['dit'][1])} == {f32}
 
 
 def test_encode_and_reconstruct_a_video_file(converted, tmp_path, capsys):

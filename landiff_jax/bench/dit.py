@@ -1,8 +1,9 @@
 """`landiff-jax bench dit`: one denoising step of the renderer at the configured size, next to diffusers.
 
 Measures the backbone alone (what diffusers' `CogVideoXTransformer3DModel` computes) and backbone + control branch
-(what LanDiff runs every step), CFG batch 2, random weights in the benchmark dtype. Model FLOP utilisation uses
-XLA's FLOP count of the compiled step and the device's dense bf16 peak where known.
+(what LanDiff runs every step), CFG batch 2, random weights in the benchmark dtype. Model FLOP utilisation counts
+the model's FLOPs analytically (`bench.flops`: matmuls and attention) against the device's dense bf16 peak where
+known; XLA's cost analysis is not used (on GPU it does not see the cuDNN attention calls).
 """
 
 from __future__ import annotations
@@ -14,17 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from landiff_jax.bench import TorchReference, device_peak_bytes, gib, parameter_count, random_params, time_calls
+from landiff_jax.bench import TorchReference, device_peak_bytes, flops, gib, parameter_count, random_params, time_calls
 from landiff_jax.models import dit as dit_model
 
-# Dense bf16 tensor-core peak, FLOP/s, by device kind prefix.
-PEAK_FLOPS = {'NVIDIA H100': 989e12, 'NVIDIA H200': 989e12, 'NVIDIA A100': 312e12, 'TPU v5p': 459e12,
-              'TPU v5 lite': 197e12, 'TPU v4': 275e12, 'TPU v6 lite': 918e12}
 
-
-def peak_flops() -> float | None:
-  kind = jax.devices()[0].device_kind
-  return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
+def utilisation(work: float, timing: dict) -> dict:
+  """TFLOP of the step (analytic), TFLOP/s and MFU (None where the device's peak is unknown) for one timing."""
+  seconds = timing['median_s']
+  mfu = flops.mfu(work, seconds)
+  return dict(tflop=float(f'{work / 1e12:.4g}'), tflops=float(f'{work / seconds / 1e12:.4g}'),
+              mfu=None if mfu is None else round(mfu, 4))
 
 
 def attention_backend(config: Any) -> str:
@@ -49,14 +49,7 @@ def run_jax(config: Any, options: Any, inputs: dict) -> dict:
     compiled = jax.jit(step).lower(params, *args.values()).compile()
     entry = dict(compile_s=round(time.perf_counter() - start, 2))
     entry.update(time_calls(lambda: compiled(params, *args.values()), options.repeats))
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = (cost or {}).get('flops')
-    if flops:
-      entry['tflops'] = round(flops / 1e12, 2)
-      peak = peak_flops()
-      if peak:
-        entry['mfu'] = round(flops / entry['median_s'] / peak, 3)
+    entry.update(utilisation(flops.dit_forward(config, args['latents'].shape[0], control=with_control), entry))
     result[name] = entry
   result['peak_gib'] = gib(device_peak_bytes())
   return result
@@ -82,6 +75,8 @@ def run_diffusers(config: Any, options: Any, inputs: dict) -> dict:
   with torch.no_grad():
     result = dict(backbone=time_calls(lambda: model(latents, text, timesteps).sample, options.repeats,
                                       sync=reference.sync))
+  result['backbone'].update(utilisation(flops.dit_forward(config, latents.shape[0], control=False),
+                                        result['backbone']))
   return dict(result, diffusers=diffusers.__version__, **reference.describe())
 
 

@@ -1,5 +1,7 @@
 """`landiff-jax bench tokenizer`: encode and decode one group of Theia features at the configured size, once per
-attention backend (xla materialises the masked scores; pallas/splash skip masked blocks where registered)."""
+attention backend (xla materialises the masked scores; pallas/splash skip masked blocks where registered), with
+TFLOP/s and MFU from the analytic count (`bench.flops.tokenizer_encode/decode`: matmuls and the masks' allowed
+pairs)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from landiff_jax.bench import device_peak_bytes, gib, random_params, time_calls
+from landiff_jax.bench import device_peak_bytes, flops, gib, random_params, time_calls
 from landiff_jax.models import tokenizer as tokenizer_model
 from landiff_jax.nn import available_backends
 
@@ -35,6 +37,12 @@ def run_backend(config: Any, options: Any, backend: str, features: np.ndarray) -
   result['compile_s'] = round(time.perf_counter() - start, 2)
   result['encode'] = time_calls(lambda: encode_compiled(params, x), options.repeats)
   result['decode'] = time_calls(lambda: decode_compiled(params, ids), options.repeats)
+  for phase, work in (('encode', flops.tokenizer_encode(config, options.batch)),
+                      ('decode', flops.tokenizer_decode(config, options.batch))):
+    seconds = result[phase]['median_s']
+    mfu = flops.mfu(work, seconds)
+    result[phase].update(tflop=float(f'{work / 1e12:.4g}'), tflops=float(f'{work / seconds / 1e12:.4g}'),
+                         mfu=None if mfu is None else round(mfu, 4))
   result['tokens'] = int(ids.shape[1])
   result['peak_gib'] = gib(device_peak_bytes())
   return result

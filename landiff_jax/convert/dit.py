@@ -4,8 +4,13 @@ SAT names (cogvideox-theia-t5.md §1.4) map directly onto the Flax tree; the fus
 single kernels, per-layer tensors are stacked along a leading layer axis. Prefixes:
 `model.diffusion_model.` (CogVideoX-2B), `model.main_model.diffusion_model.` and
 `model.control_model.diffusion_model.` (LanDiff). The stored `pos_embedding` is checked against the recomputed
-3D sin-cos table. A control branch missing from the file starts as the release's training initialisation: its
-embeddings and blocks copied from the backbone's first layers, zero linears at zero.
+3D sin-cos table, within the rounding of the dtype it is stored in. A control branch missing from the file starts
+as the release's training initialisation: its embeddings and blocks copied from the backbone's first layers, zero
+linears at zero.
+
+The release loads both files with strict=False: tensors the model has no place for are listed in one notice, not
+refused; missing ones are still an error (the release would leave them random). The tokenizer copy under
+`semantic_conditioner.semantic_model.` is converted by `convert_tokenizer`, which gives it precedence.
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from landiff_jax.convert import ConversionError
-from landiff_jax.convert.common import Stack, keep, raise_problems, strip_prefix
+from landiff_jax.convert import ConversionError, notice
+from landiff_jax.convert.common import Stack, abstract_init, field_hint, keep, report_problems, source_of, strip_prefix
 from landiff_jax.models.dit import build_dit
 from landiff_jax.models.semantic_upsampler import build_semantic_upsampler
 from landiff_jax.nn.embeddings import cogvideox_3d_sincos_table
@@ -151,17 +156,66 @@ def _convert_transformer(reader: _Reader, dit: Any, num_layers: int, *, final: b
   return tree
 
 
+# Largest |stored - recomputed| of a sin-cos table (values in [-1, 1]) that is only the rounding of its storage
+# dtype: half the float spacing just above 1 (bf16 2^-8 ≈ 3.9e-3, fp16 2^-11 ≈ 4.9e-4; tables measured at 2.0e-3
+# and 2.4e-4), never below float32 recomputation noise.
+def rounding_tolerance(dtype: Any) -> float:
+  dtype = np.dtype(dtype)
+  if not np.issubdtype(dtype, np.floating) and dtype != np.dtype(jnp.bfloat16):
+    return 1e-5
+  return max(float(jnp.finfo(dtype).eps) / 2 * 1.01, 1e-5)
+
+
+CLOSE_TABLE = 0.05  # beyond rounding but below this: reported, not fatal (the model recomputes the table anyway)
+
+
 def _check_position_table(tensors: Mapping[str, np.ndarray], dit: Any, label: str) -> None:
   name = 'mixins.pos_embed.pos_embedding'
   if name not in tensors:
     return
-  stored = np.asarray(tensors[name], np.float32).reshape(-1, dit.hidden_size)
-  table = cogvideox_3d_sincos_table(dit.hidden_size, dit.latent_frames, dit.latent_height // dit.patch_size,
-                                    dit.latent_width // dit.patch_size, dit.spatial_interpolation,
+  raw = tensors[name]
+  stored = np.asarray(raw, np.float32)
+  patch = dit.patch_size
+  table = cogvideox_3d_sincos_table(dit.hidden_size, dit.latent_frames, dit.latent_height // patch,
+                                    dit.latent_width // patch, dit.spatial_interpolation,
                                     dit.temporal_interpolation, text_length=dit.text_length)
-  if stored.shape != table.shape or not np.allclose(stored, table, atol=1e-5):
-    raise ConversionError(f'{label}{name} {tuple(stored.shape)} differs from the 3D sin-cos table recomputed from '
-                          f'the dit config {table.shape}; the config does not describe this checkpoint.')
+  where = f'{label}{name} {tuple(stored.shape)}'
+  if stored.shape[-1] != table.shape[-1]:
+    raise ConversionError(f'{where}: the file has width {stored.shape[-1]} where dit.hidden_size is '
+                          f'{dit.hidden_size}; set --config.dit.hidden_size={stored.shape[-1]} (with its num_heads '
+                          'and head_dim) or use the config the checkpoint was trained with.')
+  stored = stored.reshape(-1, table.shape[-1])
+  if stored.shape[0] != table.shape[0]:
+    raise ConversionError(f'{where}: the file has {stored.shape[0]} positions, the config {table.shape[0]} '
+                          f'(dit.text_length {dit.text_length} + dit.latent_frames {dit.latent_frames} × '
+                          f'(dit.latent_height {dit.latent_height} / dit.patch_size {patch}) × (dit.latent_width '
+                          f'{dit.latent_width} / {patch})); set those fields to the checkpoint\'s.')
+  gap = float(np.max(np.abs(stored - table))) if stored.size else 0.0
+  tolerance = rounding_tolerance(np.asarray(raw).dtype)
+  if gap <= tolerance:
+    return
+  if gap <= CLOSE_TABLE:
+    notice(f'{where} differs from the table recomputed from the config by up to {gap:.3g}, more than the rounding '
+           f'of its {np.asarray(raw).dtype} storage ({tolerance:.2g}) but close; converted anyway (the model '
+           'recomputes the table, so it is not used).')
+    return
+  raise ConversionError(f'{where} differs from the 3D sin-cos table recomputed from the dit config by up to '
+                        f'{gap:.3g}; check dit.spatial_interpolation ({dit.spatial_interpolation}), '
+                        f'dit.temporal_interpolation ({dit.temporal_interpolation}) and the latent grid fields '
+                        'against the checkpoint\'s training config.')
+
+
+def check_config(config: Any, tensors: Mapping[str, np.ndarray]) -> None:
+  """Relations between config sections the model needs before it can even be built, each named with its fields."""
+  dit = config.dit
+  if 'upsampler' in config and 'control' in config and int(config.control.num_layers):
+    target, latent = int(config.upsampler.target_channels), int(dit.in_channels)
+    if target != latent:
+      name = 'mixins.patch_embed.proj.weight'
+      in_file = f' (the checkpoint\'s is {np.shape(tensors[name])[1]})' if name in tensors else ''
+      raise ConversionError(f'the config is inconsistent: upsampler.target_channels is {target} but dit.in_channels '
+                            f'is {latent}{in_file}; the semantic condition is added to the latents, so set both '
+                            'to the latent channels of the checkpoint.')
 
 
 def split_by_prefix(state_dict: Mapping[str, np.ndarray], prefixes: tuple[str, ...]) -> tuple[Mapping, str]:
@@ -244,6 +298,7 @@ def convert_dit(state_dict: Mapping[str, np.ndarray], config: Any, *,
     raise ConversionError(f'no DiT tensors found: expected names starting with one of {BACKBONE_PREFIXES}; the file '
                           f'starts with {sample}. Is this the CogVideoX-2B transformer or LanDiff diffusion checkpoint?')
   merged_backbone = ChainMap(backbone, base)  # views: nothing is read until converted
+  check_config(config, merged_backbone)
   _check_position_table(merged_backbone, dit, backbone_prefix or base_prefix)
   reader = _Reader(merged_backbone, backbone_prefix or base_prefix)
   params = {'dit': _convert_transformer(reader, dit, int(dit.num_layers), final=True, zero_linears=False)}
@@ -272,9 +327,21 @@ def convert_dit(state_dict: Mapping[str, np.ndarray], config: Any, *,
     else:
       params['upsampler'] = initial_upsampler(config.upsampler)
   unexpected = unexpected_names(state_dict, backbone_prefix, readers[0].used, control_prefix, control_used)
-  misshaped = _check_shapes(params, config)
-  raise_problems(f'the DiT checkpoint does not match the config (hidden {dit.hidden_size}, {dit.num_layers} layers, '
-                 f'{num_control} control layers):', missing, unexpected, misshaped)
+  if base_state_dict:
+    unexpected += unexpected_names(base_state_dict, base_prefix, readers[0].used, '', set())
+  misshaped, pairs = _check_shapes(params, config)
+  copy = [n for n in state_dict if n.startswith(control_prefix + 'semantic_conditioner.semantic_model.')]
+  if control_prefix and copy:
+    notice(f'dit: the engine holds a tokenizer copy ({len(copy)} tensors under {control_prefix}semantic_conditioner.'
+           'semantic_model.), converted with the tokenizer, where it takes precedence: `convert tokenizer --src '
+           f'{source_of(state_dict, "ENGINE")} --base tokenizer/model.safetensors` (`convert all` does this).')
+  frozen = [n for n in state_dict if n.startswith(OTHER_PARTS) and not n.startswith('loss.')]
+  if frozen:
+    notice(f'dit: the engine also holds {len(frozen)} tensors of frozen parts (VAE under first_stage_model., T5 under '
+           'conditioner.), converted with those parts, where they take precedence: `convert all` does this; single '
+           'parts: `convert vae|t5_dit --src ENGINE --base FILE`.')
+  report_problems(f'the DiT checkpoint (config: hidden {dit.hidden_size}, {dit.num_layers} layers, {num_control} '
+                  'control layers)', missing, unexpected, misshaped, strict=False, hint=field_hint(config, '', pairs))
   return {'params': params}
 
 
@@ -299,18 +366,20 @@ def unexpected_names(state_dict, backbone_prefix, backbone_used, control_prefix,
   return out
 
 
-def _check_shapes(params: dict, config: Any) -> list[str]:
-  expected = strip_partitioning(jax.eval_shape(build_dit(config).init_params, jax.random.key(0)))['params']
-  problems = []
+def _check_shapes(params: dict, config: Any) -> tuple[list[str], list[tuple]]:
+  """(mis-shaped parameter messages, (name, converted shape, expected shape)) against the model the config builds."""
+  expected = abstract_init(build_dit(config).init_params, 'DiT')['params']
+  problems, pairs = [], []
 
   def compare(path, want, got):
     name = '/'.join(str(getattr(p, 'key', p)) for p in path)
     if got is not None and tuple(want.shape) != tuple(np.shape(got)):
       problems.append(f'{name}: {tuple(np.shape(got))}, expected {tuple(want.shape)}')
+      pairs.append((name, tuple(np.shape(got)), tuple(want.shape)))
 
   flat_want = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
   flat_got = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)[0])
   for path, want in flat_want.items():
     if path in flat_got:
       compare(path, want, flat_got[path])
-  return problems
+  return problems, pairs

@@ -4,13 +4,19 @@ Checkpoints are read lazily: `load_state_dict` returns a `LazyStateDict` that re
 time it is looked up and keeps nothing, so converting a part needs memory for the tensors in use, not the file.
 
 - SAT / PyTorch `.pt` `.pth` `.bin`: `torch.load(weights_only=True, mmap=True)` (torch is a conversion-only
-  dependency); each tensor is copied out of the memory map when looked up and its pages handed back.
-  `{"state_dict": ...}` (VAE) and `{"module": ...}` (SAT / DeepSpeed) wrappers are unwrapped.
+  dependency) with an explicit allowlist of the plain-data globals training checkpoints carry besides their
+  tensors (`plain_data_globals`: numpy arrays, dtypes, scalars and RNG state, `argparse.Namespace`, collections);
+  any other global is refused, never imported or called. Each tensor is copied out of the memory map when looked
+  up and its pages handed back. `{"state_dict": ...}` (VAE) and `{"module": ...}` (SAT / DeepSpeed) wrappers are
+  unwrapped; the rest of a DeepSpeed client state (optimizer, RNG state, iteration, args) is left unread.
 - `.safetensors`: parsed here; each tensor is read with one file read, bf16 stays bf16 (`ml_dtypes`), no torch.
-- A directory: its `*.safetensors.index.json` (sharded HF layout) or its single `.safetensors` file.
+- A directory: a DeepSpeed / SAT save (`latest` naming the tag folder, or `mp_rank_00_model_states.pt` itself),
+  else its `*.safetensors.index.json` (sharded HF layout) or its single `.safetensors` file.
+A file that ends early or is damaged is reported as truncated or corrupt, not as unsafe.
 """
 
 import argparse
+import collections
 from collections.abc import Callable, MutableMapping
 import ctypes
 import functools
@@ -18,9 +24,11 @@ import glob
 import json
 import mmap
 import os
+import re
 import struct
 import sys
 from typing import Any, Iterator, Mapping
+import zipfile
 
 import ml_dtypes
 import numpy as np
@@ -32,8 +40,14 @@ _SAFETENSORS_DTYPES = {
     'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_,
 }
 _TORCH_SUFFIXES = ('.pt', '.pth', '.bin', '.ckpt')
-# Plain containers some SAT / DeepSpeed checkpoints hold next to the weights; nothing executable.
-_SAFE_TORCH_GLOBALS = (argparse.Namespace,)
+DEEPSPEED_MODEL_FILE = 'mp_rank_00_model_states.pt'
+# A safetensors header longer than this is not a header: the file is something else.
+_MAX_SAFETENSORS_HEADER = 100 << 20
+# torch's legacy (pre-zip) serialisation starts with the pickled magic number 0x1950a86a20f9469cfc6c.
+_LEGACY_TORCH_MAGIC = b'\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19'
+# What torch's weights-only unpickler says when a pickle needs something outside the allowlist.
+_UNSAFE_PICKLE = re.compile(r'Unsupported global|unsupported GLOBAL|Can only (build|create|SETITEM|append|extend)|'
+                            r'unrecognized function|is blocked')
 
 
 class LazyStateDict(MutableMapping):
@@ -43,8 +57,9 @@ class LazyStateDict(MutableMapping):
   hold their array (tests edit checkpoints this way); deleting a name hides the file's tensor.
   """
 
-  def __init__(self, readers: Mapping[str, Callable[[], np.ndarray]]):
+  def __init__(self, readers: Mapping[str, Callable[[], np.ndarray]], source: str = ''):
     self._entries: dict[str, Any] = dict(readers)
+    self.source = source  # the file it was read from, for messages
 
   def __getitem__(self, name: str) -> np.ndarray:
     entry = self._entries[name]
@@ -72,21 +87,46 @@ class LazyStateDict(MutableMapping):
 def load_state_dict(path: str) -> LazyStateDict:
   """Every tensor of a checkpoint file or directory, each read only when looked up (see `LazyStateDict`).
 
-  Bad files (missing, unknown type, truncated safetensors, unsafe pickles) are refused here, before any use.
+  Bad files (missing, unknown type, truncated or corrupt, unsafe pickles) are refused here, before any use.
   """
   if not os.path.exists(path):
     raise ConversionError(f'checkpoint {path!r} does not exist; pass the path of the official file or directory.')
+  path = resolve_checkpoint(path)
   if os.path.isdir(path):
     readers = {}
     for file in safetensors_files(path):
       readers.update(safetensors_readers(file))
-    return LazyStateDict(readers)
+    return LazyStateDict(readers, source=path)
   if path.endswith('.safetensors'):
-    return LazyStateDict(safetensors_readers(path))
+    return LazyStateDict(safetensors_readers(path), source=path)
   if path.endswith(_TORCH_SUFFIXES):
     return load_torch_checkpoint(path)
   raise ConversionError(f'checkpoint {path!r}: unknown file type; expected a .safetensors file, a PyTorch '
                         f'{"/".join(_TORCH_SUFFIXES)} file or a directory of safetensors shards.')
+
+
+def resolve_checkpoint(path: str) -> str:
+  """The file a SAT / DeepSpeed save directory stands for: `DIR/latest` names the tag folder holding
+  `mp_rank_00_model_states.pt` (as SAT's `load_checkpoint` reads it); other paths are returned unchanged."""
+  if not os.path.isdir(path):
+    return path
+  latest = os.path.join(path, 'latest')
+  if os.path.isfile(latest) and not os.path.isfile(os.path.join(path, DEEPSPEED_MODEL_FILE)):
+    with open(latest) as f:
+      tag = f.read().strip()
+    folder = os.path.join(path, tag)
+    if not tag or not os.path.isdir(folder):
+      raise ConversionError(f'{latest} names the checkpoint {tag!r}, but {folder} is not a directory; pass the '
+                            f'folder holding {DEEPSPEED_MODEL_FILE} as --src.')
+    path = folder
+  ranks = sorted(glob.glob(os.path.join(path, 'mp_rank_*_model_states.pt')))
+  if not ranks:
+    return path
+  if len(ranks) > 1:
+    raise ConversionError(f'{path} is split over {len(ranks)} model-parallel ranks ({", ".join(map(os.path.basename, ranks))}'
+                          f'); landiff-jax reads one {DEEPSPEED_MODEL_FILE} (the release is saved with one rank): '
+                          'merge the ranks with SAT first.')
+  return ranks[0]
 
 
 def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
@@ -117,17 +157,25 @@ def safetensors_files(directory: str) -> list[str]:
 
 def read_safetensors_header(path: str) -> tuple[dict[str, Any], int]:
   """(header dict, byte offset of the data section)."""
+  file_size = os.path.getsize(path)
   with open(path, 'rb') as f:
     prefix = f.read(8)
     if len(prefix) != 8:
-      raise ConversionError(f'{path} is not a safetensors file (shorter than its 8-byte header length).')
+      raise ConversionError(f'{path} is truncated or not a safetensors file ({file_size} bytes, shorter than the '
+                            '8-byte header length). Download it again.')
     (header_len,) = struct.unpack('<Q', prefix)
-    if header_len > os.path.getsize(path) - 8:
-      raise ConversionError(f'{path} is not a safetensors file (header length {header_len} exceeds the file).')
+    if header_len > _MAX_SAFETENSORS_HEADER:
+      raise ConversionError(f'{path} is not a safetensors file (its first 8 bytes give a header of {header_len} '
+                            'bytes).')
+    if header_len > file_size - 8:
+      raise ConversionError(f'{path} is truncated or corrupt: its header needs {8 + header_len} bytes but the file '
+                            f'has {file_size}. Download it again.')
     try:
       header = json.loads(f.read(header_len))
     except ValueError as e:
-      raise ConversionError(f'{path} is not a safetensors file (bad header: {e}).') from None
+      raise ConversionError(f'{path} is not a safetensors file, or is corrupt (bad header: {e}).') from None
+  if not isinstance(header, dict):
+    raise ConversionError(f'{path} is not a safetensors file (its header is not a JSON object).')
   return header, 8 + header_len
 
 
@@ -139,17 +187,20 @@ def safetensors_readers(path: str) -> dict[str, Callable[[], np.ndarray]]:
   for name, entry in header.items():
     if name == '__metadata__':
       continue
-    dtype = _SAFETENSORS_DTYPES.get(entry['dtype'])
+    try:
+      dtype_name, (begin, end), shape = entry['dtype'], entry['data_offsets'], [int(n) for n in entry['shape']]
+    except (KeyError, TypeError, ValueError):
+      raise ConversionError(f'{path} is corrupt: the header entry of {name!r} is {entry!r}. Download it '
+                            'again.') from None
+    dtype = _SAFETENSORS_DTYPES.get(dtype_name)
     if dtype is None:
-      raise ConversionError(f'{path}: tensor {name!r} has unsupported dtype {entry["dtype"]}.')
-    begin, end = entry['data_offsets']
-    expected = int(np.prod(entry['shape'], dtype=np.int64)) * np.dtype(dtype).itemsize
+      raise ConversionError(f'{path}: tensor {name!r} has unsupported dtype {dtype_name}.')
+    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     if end - begin != expected or data_start + end > file_size:
       raise ConversionError(f'{path} is truncated or corrupt: tensor {name!r} ({entry["dtype"]} {entry["shape"]}) '
                             f'needs bytes [{data_start + begin}, {data_start + end}) but the file has '
                             f'{file_size}. Download it again.')
-    readers[name] = functools.partial(_read_safetensor, path, data_start + begin, end - begin, dtype,
-                                      tuple(entry['shape']))
+    readers[name] = functools.partial(_read_safetensor, path, data_start + begin, end - begin, dtype, tuple(shape))
   return readers
 
 
@@ -161,24 +212,85 @@ def _read_safetensor(path: str, offset: int, nbytes: int, dtype: Any, shape: tup
 
 
 def load_torch_checkpoint(path: str) -> LazyStateDict:
-  """Tensors of a PyTorch pickle loaded with `weights_only=True`; unsafe pickles are refused, not executed.
+  """Tensors of a PyTorch pickle loaded with `weights_only=True` and the plain-data allowlist; a pickle that needs
+  anything else is refused, not executed, and a damaged file is reported as truncated or corrupt.
 
   The file is memory-mapped (`mmap=True`): a tensor is copied out when looked up and the pages it occupied are
-  then handed back to the OS, so reading the whole file one tensor at a time never holds it all resident."""
+  then handed back to the OS, so reading the whole file one tensor at a time never holds it all resident. (Files
+  in torch's legacy pre-zip format cannot be mapped; they are read whole.)"""
   try:
     import torch
   except ImportError:
     raise ConversionError(f'reading {path} needs torch (a conversion-only dependency): '
                           'pip install torch==2.13.0') from None
+  zip_format = zipfile.is_zipfile(path)
+  if not zip_format:
+    with open(path, 'rb') as f:
+      head = f.read(len(_LEGACY_TORCH_MAGIC))
+    if head != _LEGACY_TORCH_MAGIC:
+      kind = 'cut short or damaged' if head.startswith(b'PK') else 'not a PyTorch checkpoint'
+      raise ConversionError(f'{path} is truncated or corrupt ({kind}: no readable zip archive, '
+                            f'{os.path.getsize(path)} bytes). Download or copy it again.')
   try:
-    with torch.serialization.safe_globals(list(_SAFE_TORCH_GLOBALS)):
-      payload = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-  except Exception as e:  # torch raises UnpicklingError or RuntimeError subclasses depending on the content
-    raise ConversionError(f'refusing to load {path}: it is not a plain tensor checkpoint that can be read '
-                          f'without executing code ({type(e).__name__}: {str(e).splitlines()[0]}).') from None
+    with torch.serialization.safe_globals(plain_data_globals()):
+      payload = torch.load(path, map_location='cpu', weights_only=True, mmap=zip_format)
+  except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... depending on the damage
+    reason = ' '.join(str(e).split())
+    if _UNSAFE_PICKLE.search(reason):
+      raise ConversionError(
+          f'refusing to load {path}: it is not a plain tensor checkpoint that can be read without executing code '
+          f'({_unsafe_global(reason)}). If you trust the file, re-save only its weights (torch.save({{"module": '
+          'state_dict}, ...)) and convert that.', details=reason) from None
+    what = f'{type(e).__name__}: {reason[:200]}' if reason else type(e).__name__
+    raise ConversionError(f'{path} is truncated or corrupt ({what}). Download or copy it again.',
+                          details=reason) from None
   state_dict = unwrap_state_dict(payload, path)
-  return LazyStateDict({name: functools.partial(_read_mapped_tensor, tensor)
-                        for name, tensor in state_dict.items() if isinstance(tensor, torch.Tensor)})
+  tensors = {name: tensor for name, tensor in state_dict.items() if isinstance(tensor, torch.Tensor)}
+  if not tensors:
+    raise ConversionError(f'{path} holds no tensors where its weights should be (keys: '
+                          f'{", ".join(map(str, list(state_dict)[:8]))}); pass the model checkpoint.')
+  return LazyStateDict({name: functools.partial(_read_mapped_tensor, tensor) for name, tensor in tensors.items()},
+                       source=path)
+
+
+def _unsafe_global(reason: str) -> str:
+  found = re.search(r'GLOBAL (\S+)', reason) or re.search(r'but got (<class [^>]+>|\S+)', reason)
+  return f'it needs {found.group(1)}, which is not plain data' if found else reason[:200]
+
+
+def _plain_record_dict(default_factory: Any = None, *args: Any) -> dict:
+  """`collections.defaultdict` read as a plain dict (its items follow; the factory, a builtin type, is dropped)."""
+  del default_factory, args
+  return {}
+
+
+@functools.cache
+def plain_data_globals() -> list[Any]:
+  """The globals a SAT / DeepSpeed training checkpoint may name besides tensors, each a constructor of plain data
+  (for `torch.serialization.safe_globals`; tensors, storages, `torch.Size`, `OrderedDict` are torch's own
+  weights-only allowlist). Names are given explicitly where numpy 1.x (`numpy.core`) and 2.x (`numpy._core`)
+  pickles differ, so nothing is imported by name from the file."""
+  import numpy.random._pickle as rng_pickle
+  import numpy.random.bit_generator as bit_generator
+  multiarray = (getattr(np, '_core', None) or np.core).multiarray  # numpy 2.x, else 1.x
+  allowed: list[Any] = [argparse.Namespace, collections.OrderedDict, collections.Counter, collections.deque,
+                        np.ndarray, np.dtype, np.random.RandomState, np.random.Generator, bit_generator.SeedSequence,
+                        rng_pickle.__randomstate_ctor, rng_pickle.__bit_generator_ctor, rng_pickle.__generator_ctor,
+                        (_plain_record_dict, 'collections.defaultdict')]
+  for name in ('_reconstruct', 'scalar'):
+    for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
+      allowed.append((getattr(multiarray, name), f'{module}.{name}'))
+  allowed += [np.random.MT19937, np.random.PCG64, np.random.PCG64DXSM, np.random.Philox, np.random.SFC64]
+  unpickle_seed = getattr(bit_generator, '__pyx_unpickle_SeedSequence', None)
+  if unpickle_seed is not None:
+    allowed.append(unpickle_seed)
+  dtypes_module = getattr(np, 'dtypes', None)  # numpy >= 1.25: the classes of dtype instances
+  dtype_classes = vars(dtypes_module).values() if dtypes_module is not None else []
+  allowed += [cls for cls in dtype_classes if isinstance(cls, type) and issubclass(cls, np.dtype)]
+  # builtin types a defaultdict names as its factory, and containers pickled by reduction
+  allowed += [(cls, f'builtins.{cls.__name__}') for cls in (list, dict, tuple, frozenset, int, float, str, bool,
+                                                             bytes, slice)]
+  return allowed
 
 
 def unwrap_state_dict(payload: Any, path: str) -> Mapping[str, Any]:

@@ -21,7 +21,7 @@ IGNORED_PREFIXES = ('cond_model.text_encoder.', 'tokenizer.')
 def convert_lm(state_dict: Mapping[str, np.ndarray], config: Any) -> dict[str, Any]:
   model = lm_model.build_lm(config)
   s = model.settings
-  m = Mapper(state_dict, expected_shapes(model.init_params))
+  m = Mapper(state_dict, expected_shapes(model.init_params, 'semantic LM'))
   d, h, hd = s.hidden_size, s.num_heads, s.head_dim
   p = ('params',)
   blocks = lambda suffix: [f'transformer.blocks.{i}.{suffix}' for i in range(s.num_layers)]
@@ -43,4 +43,6 @@ def convert_lm(state_dict: Mapping[str, np.ndarray], config: Any) -> dict[str, A
     for index, layer in ((0, 'fc1'), (2, 'fc2')):
       m.take(f'micro_condition.mlps.{key}.{index}.weight', p + (f'micro_{key}', layer, 'kernel'), linear)
       m.take(f'micro_condition.mlps.{key}.{index}.bias', p + (f'micro_{key}', layer, 'bias'))
-  return m.result('semantic LM', ignored=lambda name: name.startswith(IGNORED_PREFIXES))
+  # the release loads this file with strict=True (frozen sub-modules aside): unknown tensors are refused
+  return m.result(f'the semantic LM checkpoint (hidden {d}, {s.num_layers} layers)',
+                  ignored=lambda name: name.startswith(IGNORED_PREFIXES), strict=True, config=config, section='lm')

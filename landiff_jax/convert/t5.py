@@ -17,11 +17,12 @@ from landiff_jax.models import t5 as t5_model
 IGNORED_PREFIXES = ('decoder.', 'lm_head.')
 
 
-def convert_t5(state_dict: Mapping[str, np.ndarray], config: Any) -> dict[str, Any]:
+def convert_t5(state_dict: Mapping[str, np.ndarray], config: Any, *, section: str = 't5') -> dict[str, Any]:
+  """Loaded as `from_pretrained` does: tensors the encoder has no place for are ignored (listed in a notice)."""
   model = t5_model.build_t5(config)
   s = model.settings
   state_dict = renamed(state_dict, {k[len('model.'):] if k.startswith('model.') else k: k for k in state_dict})
-  m = Mapper(state_dict, expected_shapes(model.init_params))
+  m = Mapper(state_dict, expected_shapes(model.init_params, 'T5 encoder'))
   p = ('params',)
   embedding = 'shared.weight' if 'shared.weight' in state_dict else 'encoder.embed_tokens.weight'
   m.take(embedding, p + ('token_embedding', 'embedding'))
@@ -38,5 +39,6 @@ def convert_t5(state_dict: Mapping[str, np.ndarray], config: Any) -> dict[str, A
   for ours, theirs in (('w1', 'wi_0'), ('w3', 'wi_1'), ('w2', 'wo')):
     m.take_stacked(block(f'layer.1.DenseReluDense.{theirs}.weight'), p + ('blocks', 'mlp', ours, 'kernel'), linear)
   m.take('encoder.final_layer_norm.weight', p + ('final_norm', 'scale'))
-  return m.result(f'T5 encoder (d_model {s.d_model}, {s.num_layers} layers, {s.num_heads} heads)',
-                  ignored=lambda name: name.startswith(IGNORED_PREFIXES))
+  return m.result(f'the T5 encoder checkpoint (d_model {s.d_model}, {s.num_layers} layers, {s.num_heads} heads)',
+                  ignored=lambda name: name.startswith(IGNORED_PREFIXES), strict=False, config=config,
+                  section=section)

@@ -51,7 +51,7 @@ def convert_theia(state_dict: Mapping[str, np.ndarray], config: Any) -> dict[str
   if 'embeddings.position_embeddings' not in sd:
     raise ConversionError('no ViT backbone found (expected embeddings.position_embeddings, optionally under '
                           f'{PREFIXES[0]}); is this the Theia/DeiT checkpoint?')
-  m = Mapper(sd, expected_shapes(model.init_params))
+  m = Mapper(sd, expected_shapes(model.init_params, 'Theia ViT'))
   p = ('params',)
   d, heads = s.hidden_size, s.num_heads
   head_dim = d // heads
@@ -85,4 +85,6 @@ def convert_theia(state_dict: Mapping[str, np.ndarray], config: Any) -> dict[str
     m.take_stacked(layer(f'mlp.{theirs}.bias'), p + ('blocks', 'mlp', ours, 'bias'))
   m.take('layernorm.weight', p + ('final_norm', 'scale'))
   m.take('layernorm.bias', p + ('final_norm', 'bias'))
-  return m.result(f'Theia ViT (hidden {d}, {s.num_layers} layers)', ignored=lambda n: n.startswith(IGNORED))
+  # HF `from_pretrained` (and the tokenizer file's backbone prefix) leave other tensors alone: listed, not refused
+  return m.result(f'the Theia ViT checkpoint (hidden {d}, {s.num_layers} layers)',
+                  ignored=lambda n: n.startswith(IGNORED), strict=False, config=config, section='theia')

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from landiff_jax.convert.common import expected_shapes, keep, nested, raise_problems, strip_prefix
+from landiff_jax.convert.common import expected_shapes, field_hint, keep, nested, report_problems, strip_prefix
 from landiff_jax.models import vae as vae_model
 
 SAT_PREFIXES = ('first_stage_model.',)
@@ -57,7 +57,7 @@ def to_flax_layout(array: np.ndarray) -> np.ndarray:
 
 
 def expected_tree(config: Any, decoder_only: bool) -> dict[tuple[str, ...], tuple[int, ...]]:
-  return expected_shapes(vae_model.build_vae(config, with_encoder=not decoder_only).init_params)
+  return expected_shapes(vae_model.build_vae(config, with_encoder=not decoder_only).init_params, 'VAE')
 
 
 def convert_vae(state_dict: Mapping[str, np.ndarray], config: Any, *, decoder_only: bool = False) -> dict[str, Any]:
@@ -71,7 +71,7 @@ def convert_vae(state_dict: Mapping[str, np.ndarray], config: Any, *, decoder_on
   num_levels = len(config.channel_mult)
   expected = expected_tree(config, decoder_only)
   params: dict[tuple[str, ...], Any] = {}
-  unexpected, misshaped = [], []
+  unexpected, misshaped, pairs = [], [], []
   for name in names:  # one tensor read at a time
     if name.startswith(IGNORED_PREFIXES) or (decoder_only and name.startswith('encoder.')):
       continue
@@ -84,11 +84,14 @@ def convert_vae(state_dict: Mapping[str, np.ndarray], config: Any, *, decoder_on
     value = to_flax_layout(np.asarray(array, dtype=np.float32))
     if value.shape != expected[path]:
       misshaped.append(f'{name}: {tuple(np.shape(array))} → {value.shape}, expected {expected[path]}')
+      pairs.append((name, value.shape, expected[path]))
       continue
     params[path] = keep(value)
   missing = ['/'.join(p[1:]) for p in expected if p not in params]
   layout = 'SAT' if sat else 'diffusers'
-  raise_problems(f'the VAE checkpoint ({layout} layout) does not match the config (channels {config.channels}, '
-                 f'channel_mult {tuple(config.channel_mult)}, latent_channels {config.latent_channels}, '
-                 f'num_res_blocks {config.num_res_blocks}):', missing, unexpected, misshaped)
+  # the release's `init_from_ckpt` loads with strict=False (after dropping `loss.`): other tensors are listed
+  report_problems(f'the VAE checkpoint ({layout} layout; config: channels {config.channels}, channel_mult '
+                  f'{tuple(config.channel_mult)}, latent_channels {config.latent_channels}, num_res_blocks '
+                  f'{config.num_res_blocks})', missing, unexpected, misshaped, strict=False,
+                  hint=field_hint(config, 'vae', pairs))
   return nested(params)

@@ -173,10 +173,10 @@ def batches(files: list[str], size: int) -> Iterator[tuple[list[str], dict[str, 
 class TextEncoder:
   """A T5 part of MODELS with its tokenizer: captions → features padded to `max_length`, and their lengths."""
 
-  def __init__(self, models: str, part: str, max_length: int, use_mask: bool):
+  def __init__(self, models: str, part: str, max_length: int, use_mask: bool, **model_kwargs: Any):
     from landiff_jax.models import t5
     self.t5 = t5
-    self.model, self.params = checkpoints.load(os.path.join(models, part))
+    self.model, self.params = checkpoints.load(os.path.join(models, part), **model_kwargs)
     self.tokenizer = t5.load_tokenizer(os.path.join(models, f'{part}_tokenizer'))
     self.max_length, self.use_mask = max_length, use_mask
 

@@ -44,6 +44,9 @@ class KernelConfig:
   scale: float
   block_q: int
   block_k: int
+  num_warps: int
+  num_stages: int
+  heavy_first: bool
   masked_keys: bool  # a runtime kv_valid is given: every visited block is partial
   interpret: bool
 
@@ -54,6 +57,11 @@ class KernelConfig:
   @property
   def kv_padded(self) -> int:
     return -(-self.kv_len // self.block_k) * self.block_k
+
+  def row(self, index):
+    """Query block of grid index `index` in the forward and dq kernels: in reverse with `heavy_first` (under
+    causal-like masks the last rows visit the most blocks, and launching them first shortens the tail)."""
+    return self.q_padded // self.block_q - 1 - index if self.heavy_first else index
 
   def classes(self) -> np.ndarray:
     return block_mask.classify_blocks(self.mask, self.q_len, self.kv_len, self.block_q, self.block_k,
@@ -85,20 +93,60 @@ def check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int, bloc
       raise ValueError(f'flash_attention: {name}={size} must be a power of two ≥ 16 (Triton tile sizes).')
 
 
-def default_blocks(head_dim: int) -> tuple[int, int]:
-  return (128, 64) if head_dim <= 64 else (64, 64)
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  """One launch configuration of the three kernels: the (query, key) tile, Triton's warps per program and
+  software-pipelining depth, and whether the forward and dq kernels launch their query blocks last to first."""
+  block_q: int
+  block_k: int
+  num_warps: int
+  num_stages: int
+  heavy_first: bool = False
+
+
+# Autotuning table: (head dim, mask kind) → tiles, from `landiff-jax bench attention --sweep` on a GPU (the sweep
+# prints the lines to paste here). As measured on 2026-12-04 (one H200, jax 0.11.2, bf16, `--sweep 3`: the three
+# 128×64 candidates below, docs/benchmarks.md): launching the heaviest query blocks first gave the encoder mask
+# 2.5 / 8.4 ms fwd / fwd+bwd at batch 1 (2.9 / 9.5 without), the decoder mask 2.7 / 9.0 (2.8 / 9.4), and ties at
+# batch 4. For causal d128 the 64×64 and 128×64 tiles tie (0.3-0.5 / 0.8 ms); 'auto' sends causal to cuDNN anyway.
+TUNED_TILES: dict[tuple[int, str], Tiles] = {
+    (64, 'frame_causal_encoder'): Tiles(128, 64, 4, 2, True),
+    (64, 'frame_causal_decoder'): Tiles(128, 64, 4, 2, True),
+    (128, 'causal'): Tiles(64, 64, 8, 2),
+}
+
+# What the sweep tries per head dim (tiles whose shared memory fits a Hopper/Ampere SM at that head dim).
+SWEEP_TILES: dict[int, tuple[Tiles, ...]] = {
+    64: (Tiles(128, 64, 4, 2, True), Tiles(128, 64, 4, 3), Tiles(128, 128, 8, 2), Tiles(64, 64, 4, 2),
+         Tiles(128, 64, 8, 3), Tiles(64, 128, 4, 2)),
+    128: (Tiles(64, 64, 8, 2, True), Tiles(128, 64, 8, 2), Tiles(64, 64, 4, 3), Tiles(128, 32, 4, 2)),
+}
+
+
+def tiles_for(head_dim: int, mask_kind: str) -> Tiles:
+  """The tuned tiles for this head dim and mask kind, else the head dim's default."""
+  tuned = TUNED_TILES.get((head_dim, mask_kind))
+  if tuned is not None:
+    return tuned
+  return Tiles(128, 64, 4, 2) if head_dim <= 64 else Tiles(64, 64, 8, 2)
+
+
+def default_blocks(head_dim: int, mask_kind: str = '') -> tuple[int, int]:
+  tiles = tiles_for(head_dim, mask_kind)
+  return tiles.block_q, tiles.block_k
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec, *, kv_valid: jax.Array | None = None,
                     q_offset: int = 0, scale: float | None = None, block_q: int | None = None,
-                    block_k: int | None = None, interpret: bool = False) -> jax.Array:
+                    block_k: int | None = None, tiles: Tiles | None = None, interpret: bool = False) -> jax.Array:
   """Softmax(q·kᵀ·scale, masked)·v → [B, Lq, H, D] in q.dtype; rows with no allowed key give zeros.
 
   `q_offset` must be a Python int here (the block classification is static); `kv_valid` (bool [B, Lk]) masks
-  keys at run time and turns every visited block partial.
+  keys at run time and turns every visited block partial. `tiles` (default: `tiles_for` the head dim and mask
+  kind) sets the launch configuration; `block_q`/`block_k` override its tile.
   """
-  default_q, default_k = default_blocks(q.shape[-1])
-  block_q, block_k = block_q or default_q, block_k or default_k
+  tiles = tiles or tiles_for(q.shape[-1], mask.kind)
+  block_q, block_k = block_q or tiles.block_q, block_k or tiles.block_k
   check_inputs(q, k, v, block_q=block_q, block_k=block_k, kv_valid=kv_valid)
   if not isinstance(q_offset, (int, np.integer)):
     raise ValueError('flash_attention needs a static (Python int) q_offset; decode steps with a traced offset '
@@ -108,7 +156,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec, *,
   block_k = min(block_k, max(16, pl.next_power_of_2(k.shape[1])))
   config = KernelConfig(mask=mask, q_len=q.shape[1], kv_len=k.shape[1], q_offset=int(q_offset),
                         scale=float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale), block_q=block_q,
-                        block_k=block_k, masked_keys=kv_valid is not None, interpret=interpret)
+                        block_k=block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                        heavy_first=tiles.heavy_first, masked_keys=kv_valid is not None, interpret=interpret)
   valid = jnp.ones(k.shape[:2], jnp.int32) if kv_valid is None else kv_valid.astype(jnp.int32)
   return _flash(config, q, k, v, valid)
 
@@ -186,7 +235,7 @@ def _forward_kernel(full_ref, num_full_ref, partial_ref, num_partial_ref, q_ref,
                     q_latent_ref, k_frame_ref, k_latent_ref, valid_ref, o_ref, lse_ref, *, config: KernelConfig,
                     num_k_blocks: int):
   bq, bk = config.block_q, config.block_k
-  row = pl.program_id(2)
+  row = config.row(pl.program_id(2))
   q = q_ref[...]
   q_frame, q_latent = q_frame_ref[...], q_latent_ref[...]
 
@@ -229,31 +278,31 @@ def _forward(config: KernelConfig, q, k, v, valid):
   list_arrays = _list_arrays(config.key_lists())
   kernel = functools.partial(_forward_kernel, config=config, num_k_blocks=lk // bk)
   in_specs = [_whole(a.shape) for a in list_arrays] + [
-      pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, qi, hi, 0)),
+      pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, config.row(qi), hi, 0)),
       pl.BlockSpec((None, lk, None, d), lambda bi, hi, qi: (bi, 0, hi // groups, 0)),
       pl.BlockSpec((None, lk, None, d), lambda bi, hi, qi: (bi, 0, hi // groups, 0)),
-      pl.BlockSpec((bq,), lambda bi, hi, qi: (qi,)),
-      pl.BlockSpec((bq,), lambda bi, hi, qi: (qi,)),
+      pl.BlockSpec((bq,), lambda bi, hi, qi: (config.row(qi),)),
+      pl.BlockSpec((bq,), lambda bi, hi, qi: (config.row(qi),)),
       _whole((lk,)),
       _whole((lk,)),
       pl.BlockSpec((None, lk), lambda bi, hi, qi: (bi, 0)),
   ]
-  out_specs = [pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, qi, hi, 0)),
-               pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi))]
+  out_specs = [pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, config.row(qi), hi, 0)),
+               pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, config.row(qi)))]
   q_meta, k_meta = _metadata(config, config.q_len, lq, config.q_offset), _metadata(config, config.kv_len, lk, 0)
   return pl.pallas_call(
       kernel, grid=(b, h, lq // bq), in_specs=in_specs, out_specs=out_specs,
       out_shape=[_like(q.shape, q.dtype, q), _like((b, h, lq), jnp.float32, q)],
-      compiler_params=_compiler_params(d), interpret=config.interpret, name='landiff_flash_forward',
+      compiler_params=_compiler_params(config), interpret=config.interpret, name='landiff_flash_forward',
   )(*list_arrays, q, k, v, *q_meta, *k_meta, valid)
 
 
-def _compiler_params(head_dim: int):
+def _compiler_params(config: KernelConfig):
   try:
     from jax.experimental.pallas import triton as plgpu
   except ImportError:  # pragma: no cover - every supported jax ships the Triton backend module
     return None
-  return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+  return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 # --- backward ----------------------------------------------------------------------------------------------------
@@ -263,7 +312,7 @@ def _dq_kernel(full_ref, num_full_ref, partial_ref, num_partial_ref, q_ref, k_re
                delta_ref, q_frame_ref, q_latent_ref, k_frame_ref, k_latent_ref, valid_ref, dq_ref, *,
                config: KernelConfig, num_k_blocks: int):
   bq, bk = config.block_q, config.block_k
-  row = pl.program_id(2)
+  row = config.row(pl.program_id(2))
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   q_frame, q_latent = q_frame_ref[...], q_latent_ref[...]
@@ -324,14 +373,14 @@ def _backward(config: KernelConfig, q, k, v, valid, o, lse, do):
 
   key_lists = _list_arrays(config.key_lists())
   row_specs = [
-      pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, qi, hi, 0)),  # q
+      pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, config.row(qi), hi, 0)),  # q
       pl.BlockSpec((None, lk, None, d), lambda bi, hi, qi: (bi, 0, hi // groups, 0)),  # k
       pl.BlockSpec((None, lk, None, d), lambda bi, hi, qi: (bi, 0, hi // groups, 0)),  # v
-      pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, qi, hi, 0)),  # do
-      pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi)),  # lse
-      pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi)),  # delta
-      pl.BlockSpec((bq,), lambda bi, hi, qi: (qi,)),
-      pl.BlockSpec((bq,), lambda bi, hi, qi: (qi,)),
+      pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, config.row(qi), hi, 0)),  # do
+      pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, config.row(qi))),  # lse
+      pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, config.row(qi))),  # delta
+      pl.BlockSpec((bq,), lambda bi, hi, qi: (config.row(qi),)),
+      pl.BlockSpec((bq,), lambda bi, hi, qi: (config.row(qi),)),
       _whole((lk,)),
       _whole((lk,)),
       pl.BlockSpec((None, lk), lambda bi, hi, qi: (bi, 0)),
@@ -339,8 +388,8 @@ def _backward(config: KernelConfig, q, k, v, valid, o, lse, do):
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, config=config, num_k_blocks=lk // bk), grid=(b, h, lq // bq),
       in_specs=[_whole(a.shape) for a in key_lists] + row_specs,
-      out_specs=pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, qi, hi, 0)),
-      out_shape=_like(q.shape, q.dtype, q), compiler_params=_compiler_params(d),
+      out_specs=pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, config.row(qi), hi, 0)),
+      out_shape=_like(q.shape, q.dtype, q), compiler_params=_compiler_params(config),
       interpret=config.interpret, name='landiff_flash_dq',
   )(*key_lists, q, k, v, do, lse, delta, *q_meta, *k_meta, valid)
 
@@ -363,7 +412,7 @@ def _backward(config: KernelConfig, q, k, v, valid, o, lse, do):
       functools.partial(_dkv_kernel, config=config, num_q_blocks=lq // bq), grid=(b, h, lk // bk),
       in_specs=[_whole(a.shape) for a in query_lists] + col_specs,
       out_specs=[pl.BlockSpec((None, bk, None, d), lambda bi, hi, ki: (bi, ki, hi, 0))] * 2,
-      out_shape=[per_head, per_head], compiler_params=_compiler_params(d), interpret=config.interpret,
+      out_shape=[per_head, per_head], compiler_params=_compiler_params(config), interpret=config.interpret,
       name='landiff_flash_dkv',
   )(*query_lists, q, k, v, do, lse, delta, *q_meta, *k_meta, valid)
   if groups > 1:

@@ -19,10 +19,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from landiff_jax.models.semantic_upsampler import SemanticUpsampler, build_semantic_upsampler
 from landiff_jax.nn import Dense, LayerNorm, MaskSpec, Mlp, attention, constrain, scan_layers
-from landiff_jax.nn.embeddings import TimestepMLP, cogvideox_3d_sincos_table, timestep_embedding
+from landiff_jax.nn.embeddings import TimestepMLP, timestep_embedding
 
 Array = jax.Array
 SEQUENCE_AXES = ('batch', 'length', 'act_embed')
@@ -111,6 +112,34 @@ class ScannedBlock(nn.Module):
     return h, None
 
 
+def position_table(embed_dim: int, num_frames: int, height: int, width: int, spatial_interpolation: float,
+                   temporal_interpolation: float, text_length: int) -> Array:
+  """`cogvideox_3d_sincos_table` computed inside the program (float32 angles, about 1e-6 from the float64 table).
+
+  As a numpy constant the table would be baked into every compiled DiT program (136 MB at 17,776 tokens × 1920);
+  computed from iotas it costs a few elementwise ops per call and no constant memory. Only the per-axis
+  frequencies (embed_dim/8 values) are constants."""
+  if embed_dim % 16:
+    raise ValueError(f'the 3D sin-cos table needs embed_dim divisible by 16, got {embed_dim}.')
+
+  def sincos(positions, dim):  # [N] → [N, dim] = [sin(p·ω), cos(p·ω)], ω_j = 10000^(−j/(dim/2))
+    omega = jnp.asarray(10000.0 ** (-np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)), jnp.float32)
+    angles = positions[:, None] * omega[None]
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+  spatial_dim = 3 * embed_dim // 8
+  per_frame = sincos(jnp.arange(num_frames, dtype=jnp.float32) / temporal_interpolation, embed_dim // 4)
+  per_column = sincos(jnp.arange(width, dtype=jnp.float32) / spatial_interpolation, spatial_dim)
+  per_row = sincos(jnp.arange(height, dtype=jnp.float32) / spatial_interpolation, spatial_dim)
+  shape = (num_frames, height, width)
+  video = jnp.concatenate([  # rows ordered (t, h, w), each [frame part, column part, row part] as CogVideoX's
+      jnp.broadcast_to(per_frame[:, None, None], shape + per_frame.shape[-1:]),
+      jnp.broadcast_to(per_column[None, None, :], shape + per_column.shape[-1:]),
+      jnp.broadcast_to(per_row[None, :, None], shape + per_row.shape[-1:]),
+  ], axis=-1).reshape(-1, embed_dim)
+  return jnp.concatenate([jnp.zeros((text_length, embed_dim), jnp.float32), video], axis=0)
+
+
 class Embeddings(nn.Module):
   """Timestep MLP, per-frame 2×2 patch embedding, text projection, [text; video] + 3D sin-cos table."""
   hidden_size: int
@@ -134,9 +163,9 @@ class Embeddings(nn.Module):
     video = video.reshape(b, -1, self.hidden_size)
     text = Dense(self.hidden_size, kernel_axes=(None, 'embed'), dtype=self.dtype, name='text_proj')(
         text.astype(self.dtype))
-    table = cogvideox_3d_sincos_table(self.hidden_size, t, height // p, width // p, self.spatial_interpolation,
-                                      self.temporal_interpolation, text_length=text.shape[1])
-    h = jnp.concatenate([text, video], axis=1) + jnp.asarray(table, self.dtype)
+    table = position_table(self.hidden_size, t, height // p, width // p, self.spatial_interpolation,
+                           self.temporal_interpolation, text_length=text.shape[1])
+    h = jnp.concatenate([text, video], axis=1) + table.astype(self.dtype)
     return constrain(h, SEQUENCE_AXES), emb
 
 

@@ -7,7 +7,10 @@ projected T5 text (or the learned null-text vector for CFG), SOI], then embedded
 
 Every call takes explicit per-slot `positions` (RoPE) and `valid` flags, so rows of a batch may be padded (text of
 different lengths): padded slots are never attended to and do not shift the positions of the real tokens.
-Decoding uses a preallocated KV cache [layers, B, max_len, heads, head_dim] written at `cache_index`.
+Decoding uses a preallocated KV cache [layers, B, max_len, heads, head_dim] written at `cache_index` (`extend`,
+a scan over the stacked layers: prefill), or, one token at a time, `decode`: the layers unrolled over parameters and
+caches already split per layer, so a step reads each weight once where it lies (no per-layer slice of the stacked
+weights is materialised) and writes its one cache slot in place (no stacked cache rebuilt every step).
 """
 
 from __future__ import annotations
@@ -156,6 +159,34 @@ class SemanticLM(nn.Module):
       return module(embeds, positions, jnp.ones((1, 4), bool))
 
     return self.init(rng, method=everything)
+
+
+def layer_params(params: Any) -> tuple[Any, ...]:
+  """The stacked block parameters split into one tree per layer (what `decode` takes); split once, before a loop."""
+  blocks = params['params']['blocks']
+  count = jax.tree.leaves(blocks)[0].shape[0]
+  return tuple(jax.tree.map(lambda p, i=i: p[i], blocks) for i in range(count))
+
+
+def split_cache(cache: tuple[Array, Array]) -> tuple[tuple[Array, Array], ...]:
+  """A stacked cache [layers, B, max_len, heads, head_dim] ×2 → one (k, v) pair per layer."""
+  return tuple((cache[0][i], cache[1][i]) for i in range(cache[0].shape[0]))
+
+
+def decode(model: SemanticLM, params: Any, layers: tuple[Any, ...], embeds: Array, positions: Array, valid: Array,
+           caches: tuple[tuple[Array, Array], ...], cache_index: Any) -> tuple[Array, tuple[tuple[Array, Array], ...]]:
+  """`SemanticLM.extend` over per-layer parameters (`layer_params`) and caches (`split_cache`), the layers unrolled:
+  the same blocks and the same arithmetic, so the logits equal `extend`'s exactly. Returns (logits of the last slot
+  [B, V], updated per-layer caches)."""
+  s = model.settings
+  angles = rope_1d_frequencies(positions, s.head_dim, s.rope_theta)
+  block = Block(s, model.backend, model.dtype)
+  x = embeds.astype(model.dtype)
+  updated = []
+  for weights, cache in zip(layers, caches):
+    x, cache = block.apply({'params': weights}, x, cache, angles, valid, cache_index)
+    updated.append(cache)
+  return model.apply(params, x[:, -1], method=SemanticLM.logits), tuple(updated)
 
 
 def empty_cache(settings: LMSettings, batch: int, max_len: int, dtype: Any) -> tuple[Array, Array]:

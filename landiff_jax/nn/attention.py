@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from landiff_jax.attention_limit import DEFAULT_MAX_SCORES_GIB, max_scores_gib, scores_limit  # re-exported
+from landiff_jax.attention_limit import DEFAULT_MAX_SCORES_GIB, max_scores_gib, scores_limit  # noqa: F401, re-exported
 from landiff_jax.nn.masks import MaskSpec
 
 AUTO = 'auto'

@@ -112,11 +112,13 @@ def dpmpp_2m_sde_step(x: Array, denoised: Array, denoised_prev: Array, a: Array,
 
 
 def guided_denoise(denoise_fn: Callable[[Array, Array], Array], x: Array, timestep: Array, a_q: Array,
-                   scale: Array, use_cfg: bool) -> Array:
-  """x0 prediction from v-predictions: rows [uncond; cond] when `use_cfg`, combined D_u + s·(D_c − D_u)."""
+                   scale: Array, use_cfg: bool, shard_rows: Callable[[Array], Array] | None = None) -> Array:
+  """x0 prediction from v-predictions: rows [uncond; cond] when `use_cfg`, combined D_u + s·(D_c − D_u).
+  `shard_rows` (e.g. `devices.constrain_rows`) places the rows on their devices (CFG across devices)."""
   batch = x.shape[0]
-  inputs = jnp.concatenate([x, x]) if use_cfg else x
-  v = denoise_fn(inputs, jnp.full((inputs.shape[0],), timestep, jnp.float32)).astype(jnp.float32)
+  shard_rows = shard_rows or (lambda rows: rows)
+  inputs = shard_rows(jnp.concatenate([x, x]) if use_cfg else x)
+  v = shard_rows(denoise_fn(inputs, jnp.full((inputs.shape[0],), timestep, jnp.float32)).astype(jnp.float32))
   x0 = a_q * inputs - jnp.sqrt(1.0 - a_q**2) * v
   if not use_cfg:
     return x0
@@ -125,7 +127,8 @@ def guided_denoise(denoise_fn: Callable[[Array, Array], Array], x: Array, timest
 
 def sample(denoise_fn: Callable[[Array, Array], Array], schedule: Schedule, initial_noise: Array, *,
            noise: Array | None = None, key: Array | None = None, use_cfg: bool = True,
-           prefix: Array | None = None, progress: Callable[[Any], None] | None = None) -> Array:
+           prefix: Array | None = None, progress: Callable[[Any], None] | None = None,
+           shard_rows: Callable[[Array], Array] | None = None) -> Array:
   """Runs the whole schedule; returns the final x0 prediction (float32, shape of `initial_noise`).
 
   denoise_fn(x [R, …], timesteps [R]) → v [R, …]; with `use_cfg` the rows are [uncond (zero text); cond] and
@@ -155,7 +158,7 @@ def sample(denoise_fn: Callable[[Array, Array], Array], schedule: Schedule, init
     x = hold_prefix(x)
     if progress is not None:
       jax.debug.callback(progress, i)
-    denoised = guided_denoise(denoise_fn, x, timesteps[i], quantized[i], scales[i], use_cfg)
+    denoised = guided_denoise(denoise_fn, x, timesteps[i], quantized[i], scales[i], use_cfg, shard_rows)
     a, a_next = alphas[i], alphas[i + 1]
     a_prev = jnp.where(i > 0, alphas[jnp.maximum(i - 1, 0)], 0.0)
     if noise is None:

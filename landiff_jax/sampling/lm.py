@@ -9,6 +9,9 @@ learned null vector (same length), combining logits u + g·(c − u); both rows 
 
 Prompts of different lengths share a batch: prefixes are left-padded, padded slots are masked out of attention and
 RoPE positions count real tokens only, so each row gets exactly the tokens it gets alone (per-row keys).
+
+With two or more `devices`, the rows (conditional and CFG rows) are split over them (`sampling.devices`): each
+device group holds its rows' KV cache and runs their forward passes; only the logits meet for guidance.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from landiff_jax.models.lm import SemanticLM, empty_cache
+from landiff_jax.models.lm import SemanticLM, decode, empty_cache, layer_params, split_cache
+from landiff_jax.sampling import devices as devices_lib
 
 Array = jax.Array
 TEXT_BUCKET = 64  # prefix text lengths are padded up to a multiple of this, so few lengths compile
@@ -117,11 +121,41 @@ def prefix_rows(model: SemanticLM, text: Array, lengths: Array, micro: dict[str,
   return jnp.where(valid[..., None], gathered, 0), positions, valid
 
 
+def decode_step(model: SemanticLM, params: Any, layers: tuple[Any, ...], i: Array, logits: Array,
+                caches: tuple[tuple[Array, Array], ...], tokens: Array,
+                *, keys: Array, cfg_scale: Array, temperature: Array, plan: Array, valid: Array, next_position: Array,
+                width: int, use_cfg: bool, top_k: int, top_p: float,
+                progress: Callable[[Any], None] | None = None,
+                mesh: Any = None) -> tuple[Array, tuple[Any, ...], Array]:
+  """One generated position: guide and sample (or force) token i from `logits` [R, V], feed it to every row and
+  return (the next logits, the per-layer caches with slot width + i written, tokens [B, steps] with column i set).
+
+  `layers` are the block parameters split per layer (`models.lm.layer_params`), so the step streams each weight
+  once; `params` supplies the embeddings, the final norm and the head. `mesh` (`devices.rows_mesh`) splits the
+  rows over devices."""
+  b = tokens.shape[0]
+  guided = logits[:b]
+  if use_cfg:
+    guided = logits[b:] + cfg_scale * (logits[:b] - logits[b:])
+  guided = filter_logits(guided / temperature, top_k, top_p)
+  sampled = jax.vmap(lambda k, l: jax.random.categorical(jax.random.fold_in(k, i), l))(keys, guided)
+  token = jnp.where(plan[i] >= 0, plan[i], sampled).astype(jnp.int32)
+  tokens = tokens.at[:, i].set(token)
+  if progress is not None:
+    jax.lax.cond(i % 64 == 0, lambda: jax.debug.callback(progress, i), lambda: None)
+  fed = jnp.concatenate([token] * (2 if use_cfg else 1))
+  embed = devices_lib.constrain_rows(model.apply(params, fed[:, None], method=SemanticLM.embed_tokens), mesh)
+  new_logits, caches = decode(model, params, layers, embed, (next_position + i)[:, None], valid, caches, width + i)
+  caches = jax.tree.map(lambda c: devices_lib.constrain_rows(c, mesh), caches)
+  return devices_lib.constrain_rows(new_logits, mesh), caches, tokens
+
+
 @functools.partial(jax.jit, static_argnames=('model', 'layout', 'num_groups', 'use_cfg', 'top_k', 'top_p',
-                                             'progress'))
-def _generate(model: SemanticLM, params: Any, text: Array, lengths: Array, micro: dict[str, Array], keys: Array,
-              cfg_scale: Array, temperature: Array, *, layout: Layout, num_groups: int, use_cfg: bool, top_k: int,
-              top_p: float, progress: Callable[[Any], None] | None) -> Array:
+                                             'progress', 'mesh'))
+def _generate(model: SemanticLM, params: Any, layers: tuple[Any, ...], text: Array, lengths: Array,
+              micro: dict[str, Array], keys: Array, cfg_scale: Array, temperature: Array, *, layout: Layout,
+              num_groups: int, use_cfg: bool, top_k: int, top_p: float, progress: Callable[[Any], None] | None,
+              mesh: Any = None) -> Array:
   plan = jnp.asarray(layout.plan(num_groups))
   steps = plan.shape[0]
   b = text.shape[0]
@@ -130,41 +164,36 @@ def _generate(model: SemanticLM, params: Any, text: Array, lengths: Array, micro
   max_len = width + steps
   valid = jnp.concatenate([prefix_valid, jnp.ones((rows, steps), bool)], axis=1)
   cache = empty_cache(model.settings, rows, max_len, model.dtype)
+  embeds = devices_lib.constrain_rows(embeds, mesh)
   logits, cache = model.apply(params, embeds, positions, valid, cache, 0, method=SemanticLM.extend)
+  caches = jax.tree.map(lambda c: devices_lib.constrain_rows(c, mesh), split_cache(cache))
+  logits = devices_lib.constrain_rows(logits, mesh)
   next_position = positions[:, -1] + 1
 
   def step(i, carry):
-    logits, cache, tokens = carry
-    guided = logits[:b]
-    if use_cfg:
-      guided = logits[b:] + cfg_scale * (logits[:b] - logits[b:])
-    guided = filter_logits(guided / temperature, top_k, top_p)
-    sampled = jax.vmap(lambda k, l: jax.random.categorical(jax.random.fold_in(k, i), l))(keys, guided)
-    token = jnp.where(plan[i] >= 0, plan[i], sampled).astype(jnp.int32)
-    tokens = tokens.at[:, i].set(token)
-    if progress is not None:
-      jax.lax.cond(i % 64 == 0, lambda: jax.debug.callback(progress, i), lambda: None)
-    fed = jnp.concatenate([token] * (2 if use_cfg else 1))
-    embed = model.apply(params, fed[:, None], method=SemanticLM.embed_tokens)
-    new_logits, cache = model.apply(params, embed, (next_position + i)[:, None], valid, cache, width + i,
-                                    method=SemanticLM.extend)
-    return new_logits, cache, tokens
+    return decode_step(model, params, layers, i, *carry, keys=keys, cfg_scale=cfg_scale, temperature=temperature,
+                       plan=plan, valid=valid, next_position=next_position, width=width, use_cfg=use_cfg,
+                       top_k=top_k, top_p=top_p, progress=progress, mesh=mesh)
 
   tokens = jnp.zeros((b, steps), jnp.int32)
   # (the forward pass after the final, forced EOS is not needed; one spare step keeps the loop body uniform)
-  _, _, tokens = jax.lax.fori_loop(0, steps, step, (logits, cache, tokens))
+  _, _, tokens = jax.lax.fori_loop(0, steps, step, (logits, caches, tokens))
   visual = np.flatnonzero(layout.plan(num_groups) < 0)
   return jnp.clip(tokens[:, visual], 0, layout.codebook_size - 1)
+
+
+_split_layers = jax.jit(layer_params)
 
 
 def generate(model: SemanticLM, params: Any, text: list[np.ndarray] | np.ndarray, *, layout: Layout,
              key: Array, num_frames: int, motion_score: float | list[float] = 0.1, cfg_scale: float = 7.5,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, max_text_length: int | None = None,
-             progress: Callable[[Any], None] | None = None) -> Array:
+             progress: Callable[[Any], None] | None = None, devices: Any = None) -> Array:
   """Semantic ids [B, groups·tokens_per_group] for B prompts' T5 features (a list of [L_b, 4096] arrays).
 
   `key` is one PRNG key (row b uses `fold_in(key, b)`) or a batch of keys [B] (row b uses keys[b]), so a row's
-  tokens do not depend on what else is in the batch. CFG is on when cfg_scale is not 0 or 1.
+  tokens do not depend on what else is in the batch. CFG is on when cfg_scale is not 0 or 1. `devices` (a list or
+  a mesh): with two or more, the rows run on different devices, with the same tokens as on one.
   """
   if isinstance(text, np.ndarray) and text.ndim == 2:
     text = [text]
@@ -198,6 +227,9 @@ def generate(model: SemanticLM, params: Any, text: list[np.ndarray] | np.ndarray
   micro = {'frames': jnp.full((len(text),), float(num_frames)), 'motion_score': jnp.asarray(scores, jnp.float32)}
   micro = {k: v for k, v in micro.items() if k in model.settings.micro_conditions}
   use_cfg = cfg_scale not in (0, 1)
-  return _generate(model, params, jnp.asarray(batch), jnp.asarray(lengths), micro, keys, jnp.float32(cfg_scale),
-                   jnp.float32(temperature), layout=layout, num_groups=num_groups, use_cfg=use_cfg, top_k=int(top_k),
-                   top_p=float(top_p), progress=progress)
+  mesh = devices_lib.rows_mesh(devices, len(text) * (2 if use_cfg else 1))
+  params, keys = devices_lib.on_mesh_devices((params, keys), mesh)
+  layers = _split_layers(params)
+  return _generate(model, params, layers, jnp.asarray(batch), jnp.asarray(lengths), micro, keys,
+                   jnp.float32(cfg_scale), jnp.float32(temperature), layout=layout, num_groups=num_groups,
+                   use_cfg=use_cfg, top_k=int(top_k), top_p=float(top_p), progress=progress, mesh=mesh)
