@@ -28,15 +28,22 @@ FROZEN = {
 }
 
 
-# The full-size stages' sharding plans (from `landiff-jax plan`, see the README's "Training on many hosts"):
+# The full-size stages' plans (from `landiff-jax plan --target`, see the README's "Training on many hosts"):
 # parameters, gradients and optimizer state split over every device by FSDP, no tensor parallelism (it does not
-# pay at 0.2-2 B parameters, and the LM's 2,055-entry vocabulary does not split), activations rematerialised
-# per block. Past 64 devices give 'data' the rest, e.g. --config.parallel.mesh.data=4 --config.parallel.mesh.fsdp=64
-# (the renderer's hidden size 1,920 caps fsdp at 128).
+# pay at 0.1-2 B parameters, and the LM's 2,055-entry vocabulary does not split), activations rematerialised per
+# block, attention by `attention_backend` (set by each stage's plan where its sequences are long: 'auto' picks the
+# fused kernel on GPU/TPU, the blockwise path on CPU, never the 17,776² score matrices of 'xla').
+# Past 64 devices give 'data' the rest, e.g. --config.parallel.mesh.data=4 --config.parallel.mesh.fsdp=64 (the
+# renderer's hidden size 1,920 caps fsdp at 128). The VAE and Theia models have no layer scan, so no remat policy
+# applies to them.
+FSDP = dict(data=1, fsdp=-1, tensor=1)
 PLANS = {
-    'tokenizer': dict(mesh=dict(data=1, fsdp=-1, tensor=1), remat_policy='nothing_saveable'),
-    'lm': dict(mesh=dict(data=1, fsdp=-1, tensor=1), remat_policy='nothing_saveable'),
-    'diffusion': dict(mesh=dict(data=1, fsdp=-1, tensor=1), remat_policy='nothing_saveable'),
+    'tokenizer': dict(mesh=FSDP, remat_policy='nothing_saveable'),
+    'lm': dict(mesh=FSDP, remat_policy='nothing_saveable'),
+    'diffusion': dict(mesh=FSDP, remat_policy='nothing_saveable'),
+    'backbone': dict(mesh=FSDP, remat_policy='nothing_saveable'),
+    'theia': dict(mesh=FSDP, remat_policy='none'),
+    'vae': dict(mesh=FSDP, remat_policy='none'),
 }
 
 
@@ -73,6 +80,9 @@ def get_config(arg):
       section, key = path.split('.')
       config[section][key] = value
   if not size and stage in PLANS:
-    config.parallel.mesh.update(PLANS[stage]['mesh'])
-    config.remat_policy = PLANS[stage]['remat_policy']
+    plan = PLANS[stage]
+    config.parallel.mesh.update(plan['mesh'])
+    for key in ('remat_policy', 'attention_backend'):
+      if key in plan:
+        config[key] = plan[key]
   return config

@@ -543,6 +543,25 @@ def parse_mesh(text: str) -> dict[str, int]:
   return sizes
 
 
+def _plan_in_subprocess(args, devices: int) -> int | None:
+  """Runs this `plan` again in a child process that simulates `devices` CPU devices (the device count is fixed once
+  JAX has started); None when this process already sees enough devices."""
+  import subprocess
+
+  import jax
+
+  if jax.device_count() >= devices:
+    return None
+  if os.environ.get('LANDIFF_PLAN_CHILD'):
+    raise ValueError(f'the plan needs {devices} devices and still sees {jax.device_count()}; set '
+                     f'XLA_FLAGS=--xla_force_host_platform_device_count={devices} JAX_PLATFORMS=cpu.')
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if not f.startswith('--xla_force_host_platform_device')]
+  env = dict(os.environ, JAX_PLATFORMS='cpu', LANDIFF_PLAN_CHILD='1',
+             XLA_FLAGS=' '.join(flags + [f'--xla_force_host_platform_device_count={devices}']))
+  print(f'simulating {devices} CPU devices in a child process (this one sees {jax.device_count()})', file=sys.stderr)
+  return subprocess.call([sys.executable, '-m', 'landiff_jax', *args.argv], env=env)
+
+
 def cmd_plan(args, config) -> int:
   """Compiles one training step of a stage on abstract shapes and prints per-device memory and FLOPs."""
   import importlib
@@ -550,21 +569,33 @@ def cmd_plan(args, config) -> int:
   import jax
 
   from landiff_jax import parallel
-  from landiff_jax.train.plan import plan_step
+  from landiff_jax.train.plan import TARGETS, plan_step, plan_target
 
   try:
+    if args.target:
+      if args.target not in TARGETS:
+        raise ValueError(f'unknown --target {args.target!r}; known targets: {sorted(TARGETS)}.')
+      returncode = _plan_in_subprocess(args, TARGETS[args.target].devices)
+      if returncode is not None:
+        return returncode
     if args.config == DEFAULT_CONFIG:  # the stage's own training config
       config = config_lib.load_config(f'configs/train.py:{args.stage}', args.overrides)
-    config.parallel.mesh.update(parse_mesh(args.mesh))
-    config.train.batch_size = args.batch
+    if args.mesh:
+      config.parallel.mesh.update(parse_mesh(args.mesh))
     module_name, class_name = TRAIN_TASKS[args.stage].split(':')
-    task = getattr(importlib.import_module(module_name), class_name)(config)
-    mesh = parallel.make_mesh(config.parallel.mesh)
-    result = plan_step(task, config.train, config.parallel, mesh, task.example_shapes(args.batch))
+    if args.target:
+      task = getattr(importlib.import_module(module_name), class_name)(config)
+      result = plan_target(args.stage, task, config, args.target, per_device_batch=args.per_device_batch or None)
+    else:
+      config.parallel.mesh.update(parse_mesh(args.mesh or 'data=-1'))
+      config.train.batch_size = args.batch
+      task = getattr(importlib.import_module(module_name), class_name)(config)
+      mesh = parallel.make_mesh(config.parallel.mesh)
+      result = plan_step(task, config.train, config.parallel, mesh, task.example_shapes(args.batch))
+      result = dict(stage=args.stage, devices=f'{len(jax.devices())} x {jax.devices()[0].device_kind}', **result)
   except (ValueError, config_lib.ConfigError) as e:
     print(f'landiff-jax: error: {e}', file=sys.stderr)
     return 1
-  result = dict(stage=args.stage, devices=f'{len(jax.devices())} x {jax.devices()[0].device_kind}', **result)
   print(json.dumps(result, indent=2))
   return 0
 
@@ -788,22 +819,32 @@ def build_parser() -> argparse.ArgumentParser:
       command.add_argument('--overwrite', action='store_true', help='replace an existing --dst')
     if name == 'plan':
       command.add_argument('--stage', required=True, choices=sorted(TRAIN_TASKS), help='which stage to plan')
-      command.add_argument('--mesh', default='data=-1', help='mesh sizes, e.g. data=1,fsdp=8,tensor=1')
-      command.add_argument('--batch', type=int, default=8, help='global batch size')
+      command.add_argument('--target', default='', help='a named machine (landiff_jax/train/plan.py TARGETS: '
+                           'h100x8, h200x8, v5p-64, v6e-64): memory per device against its HBM, the largest batch '
+                           'that fits, FLOPs per step; the mesh is the stage\'s plan (configs/train.py PLANS) on '
+                           'its devices, simulated on CPU when fewer are visible')
+      command.add_argument('--per-device-batch', type=int, default=0,
+                           help='with --target: plan this batch (one compile) instead of searching the largest')
+      command.add_argument('--mesh', default='', help='mesh sizes, e.g. data=1,fsdp=8,tensor=1 (default without '
+                           '--target: data=-1)')
+      command.add_argument('--batch', type=int, default=8, help='without --target: global batch size')
     if name == 'bench':
       from landiff_jax.bench import BENCHMARKS
       command.add_argument('name', choices=sorted(BENCHMARKS), help='what to benchmark')
       command.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float32'])
-      command.add_argument('--batch', type=int, default=1)
+      command.add_argument('--batch', type=int, default=1, help='examples (train: per batch shard)')
       command.add_argument('--latent-frames', type=int, default=13, help='vae: latent frames to decode')
       command.add_argument('--tokens', type=int, default=1500, help='attention: LM sequence length')
       command.add_argument('--repeats', type=int, default=3, help='timed calls after the first (compiling) one')
       command.add_argument('--no-reference', dest='reference', action='store_false',
                            help='skip the PyTorch reference run')
+      command.add_argument('--stage', default='', choices=[''] + sorted(TRAIN_TASKS),
+                           help='train: which stage\'s training step (configs/train.py:STAGE)')
       command.add_argument('--sweep', type=int, nargs='?', const=0, default=None, metavar='N',
                            help="attention: time the Pallas kernel's candidate tiles (the first N per head dim)")
       command.add_argument('--out', default='', help='also write the JSON result to this file')
-      command.add_argument('--tiny', action='store_true', help='generate: configs/tiny.py sizes (runs on a CPU)')
+      command.add_argument('--tiny', action='store_true', help='generate: configs/tiny.py sizes; train: '
+                           'configs/train.py:STAGE,tiny (both run on a CPU)')
       command.add_argument('--estimate', action='store_true',
                            help='generate: the peak device memory of one video per offload mode, computed from '
                            'shapes (stored bytes + compiled temporaries of each stage), no weights, no run')
@@ -822,6 +863,7 @@ def main(argv: list[str] | None = None) -> int:
       return 0
     config = config_lib.load_config(args.config, overrides)
     args.overrides = overrides
+    args.argv = list(argv) + [f'--config.{o}' for o in overrides]
   except config_lib.ConfigError as e:
     print(f'landiff-jax: error: {e}', file=sys.stderr)
     return 2

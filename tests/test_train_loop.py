@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +24,7 @@ from landiff_jax.data import make_batch_iterator
 from landiff_jax.parallel import make_mesh
 from landiff_jax.train import split_frozen, merge_params, train, validate_train_config
 from landiff_jax.train.checkpoint import checkpoint_dir
+from landiff_jax.train.loop import NonFiniteError
 from toy_task import NUM_EXAMPLES, ToyTask, fixed_projection, make_examples, toy_parallel_config, toy_train_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,8 +199,10 @@ def test_metrics_file_and_tensorboard(baseline):
   with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
     rows = [json.loads(line) for line in f]
   assert [row['step'] for row in rows] == list(range(1, 21))
-  expected_fields = {'step', 'loss', 'grad_norm', 'learning_rate', 'steps_per_sec', 'samples_per_sec', 'mae'}
+  expected_fields = {'step', 'loss', 'grad_norm', 'learning_rate', 'steps_per_sec', 'samples_per_sec', 'mae',
+                     'nonfinite'}
   assert all(set(row) == expected_fields for row in rows), rows[0]
+  assert all(row['nonfinite'] == 0 for row in rows)
   np.testing.assert_allclose([row['loss'] for row in rows], recorder.losses, rtol=1e-7)
   config = toy_train_config(workdir)
   np.testing.assert_allclose([row['learning_rate'] for row in rows],
@@ -336,3 +340,120 @@ def test_max_seconds_stops_at_a_logging_step_with_a_checkpoint_and_resumes(tmp_p
     assert json.loads(f.readlines()[-1])['stopped_by_max_seconds'] == 1.0
   state, recorder = run_toy(tmp_path, log_every=4)
   assert recorder.steps == list(range(5, 21)) and int(state.step) == 20
+
+
+# --- restoring onto other meshes -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def run_on_2_4_1(tmp_path_factory):
+  """20 uninterrupted steps on a (2, 4, 1) mesh, checkpoints at 10 and 20, parameters kept per step."""
+  workdir = tmp_path_factory.mktemp('mesh241')
+  mesh = make_mesh(dict(data=2, fsdp=4, tensor=1))
+  _, recorder = run_toy(workdir, mesh=mesh, keep_params=True, ema_decay=EMA_DECAY)
+  return workdir, recorder
+
+
+@pytest.mark.parametrize('mesh_shape', [(1, 2, 4), (1, 1, 1)])
+def test_checkpoint_restores_onto_another_mesh_with_identical_parameters(run_on_2_4_1, tmp_path, mesh_shape):
+  source, reference = run_on_2_4_1
+  shutil.copytree(os.path.join(checkpoint_dir(source), '10'), os.path.join(checkpoint_dir(tmp_path), '10'))
+  data, fsdp, tensor = mesh_shape
+  mesh = make_mesh(dict(data=data, fsdp=fsdp, tensor=tensor), devices=jax.devices()[:data * fsdp * tensor])
+  restored, none_run = run_toy(tmp_path, mesh=mesh, ema_decay=EMA_DECAY, num_steps=10)  # restores, trains nothing
+  assert none_run.steps == [] and int(restored.step) == 10
+  assert restored.params['params']['w1'].sharding.mesh.shape == dict(data=data, fsdp=fsdp, tensor=tensor)
+  jax.tree.map(np.testing.assert_array_equal, host_copy(restored.params), reference.params[9])
+  jax.tree.map(np.testing.assert_array_equal, host_copy(restored.ema_params), reference.ema[9])
+  _, resumed = run_toy(tmp_path, mesh=mesh, ema_decay=EMA_DECAY)
+  assert resumed.steps == list(range(11, 21))
+  assert resumed.ids == reference.ids[10:]  # the data iterator's position came back with the state
+  np.testing.assert_allclose(resumed.losses, reference.losses[10:], atol=1e-5, rtol=0)
+
+
+# --- faults: unreadable checkpoints, non-finite steps -------------------------------------------------------------
+
+
+def truncate_arrays(step_dir):
+  """Cuts every array data file of a saved step to 10 bytes (a full disk, a copy cut short)."""
+  cut = 0
+  for root, _, files in os.walk(os.path.join(step_dir, 'state')):
+    if os.path.basename(root) == 'd':
+      for name in files:
+        os.truncate(os.path.join(root, name), 10)
+        cut += 1
+  assert cut, f'no array files under {step_dir}'
+
+
+def test_truncated_newest_checkpoint_is_reported_and_the_one_before_resumed(baseline, tmp_path, capfd):
+  source, _, reference = baseline
+  for step in ('10', '20'):
+    shutil.copytree(os.path.join(checkpoint_dir(source), step), os.path.join(checkpoint_dir(tmp_path), step))
+  truncate_arrays(os.path.join(checkpoint_dir(tmp_path), '20'))
+  state, resumed = run_toy(tmp_path, ema_decay=EMA_DECAY)
+  err = capfd.readouterr().err
+  assert 'checkpoint step 20' in err and 'unreadable' in err and 'resuming from step 10' in err, err[-2000:]
+  assert resumed.steps == list(range(11, 21)) and resumed.ids == reference.ids[10:]
+  np.testing.assert_allclose(resumed.losses, reference.losses[10:], atol=1e-6, rtol=0)
+  names = os.listdir(checkpoint_dir(tmp_path))
+  assert [n for n in names if n.startswith('20.unreadable-')], names  # kept aside for inspection, not deleted
+  assert {'10', '20'} <= set(names)
+
+
+class NanToyTask(ToyTask):
+  """The toy task with a NaN in the input of example `bad`."""
+
+  def __init__(self, bad):
+    super().__init__()
+    self.bad = bad
+
+  def dataset(self):
+    examples = make_examples()
+    examples[self.bad] = dict(examples[self.bad], x=np.full_like(examples[self.bad]['x'], np.nan))
+    return grain.MapDataset.source(examples)
+
+
+def saved_states_are_finite(workdir):
+  import orbax.checkpoint as ocp
+  steps = sorted(int(name) for name in os.listdir(checkpoint_dir(workdir)) if name.isdigit())
+  for step in steps:
+    saved = ocp.StandardCheckpointer().restore(os.path.join(checkpoint_dir(workdir), str(step), 'state'))
+    for leaf in jax.tree.leaves(saved):
+      assert np.all(np.isfinite(np.asarray(leaf))), f'checkpoint {step} holds a non-finite value'
+  return steps
+
+
+def test_nonfinite_loss_stops_the_run_naming_step_and_batch(baseline, tmp_path):
+  _, _, reference = baseline
+  bad = reference.ids[4][0]  # first seen at step 5
+  recorder = Recorder()
+  with pytest.raises(NonFiniteError) as error:
+    train(NanToyTask(bad), toy_train_config(tmp_path, checkpoint_every=2), toy_parallel_config(), hooks=[recorder])
+  message = str(error.value)
+  assert message.startswith('step 5:') and f'examples {reference.ids[4]}' in message, message
+  assert 'train.nonfinite=skip' in message
+  assert saved_states_are_finite(tmp_path) == [2, 4]
+  np.testing.assert_allclose(recorder.losses[:4], reference.losses[:4], atol=1e-6, rtol=0)
+
+
+def test_nonfinite_loss_skips_the_update_when_configured(baseline, tmp_path, capfd):
+  _, _, reference = baseline
+  bad = reference.ids[4][0]
+  bad_steps = [i + 1 for i, ids in enumerate(reference.ids) if bad in ids]
+  assert len(bad_steps) >= 2 and bad_steps[0] == 5
+  recorder = Recorder(keep_params=True)
+  state = train(NanToyTask(bad), toy_train_config(tmp_path, nonfinite='skip', checkpoint_every=5),
+                toy_parallel_config(), hooks=[recorder])
+  assert int(state.step) == 20 and recorder.ids == reference.ids
+  err = capfd.readouterr().err
+  for step in bad_steps:
+    assert f'step {step} skipped' in err
+    assert not np.isfinite(recorder.losses[step - 1])
+    jax.tree.map(np.testing.assert_array_equal, recorder.params[step - 1], recorder.params[step - 2])
+  good = [s for s in range(1, 21) if s not in bad_steps]
+  assert np.all(np.isfinite([recorder.losses[s - 1] for s in good]))
+  np.testing.assert_allclose(recorder.losses[:4], reference.losses[:4], atol=1e-6, rtol=0)
+  assert saved_states_are_finite(tmp_path) == [10, 15, 20]
+  with open(os.path.join(tmp_path, 'metrics.jsonl'), encoding='utf-8') as f:
+    flagged = [row['step'] for row in map(json.loads, f) if row['nonfinite']]
+  assert flagged == bad_steps

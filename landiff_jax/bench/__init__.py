@@ -17,6 +17,7 @@ BENCHMARKS = {
     'generate': 'landiff_jax.bench.generate:run',
     'lm': 'landiff_jax.bench.lm:run',
     'tokenizer': 'landiff_jax.bench.tokenizer:run',
+    'train': 'landiff_jax.bench.train:run',
     'vae': 'landiff_jax.bench.vae:run',
 }
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import sys
 import time
 from typing import Any
 
 import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,6 +116,17 @@ def _state_shardings(task: Task, tx: optax.GradientTransformation, train_config,
                     ema_params=trainable if train_config.ema_decay > 0 else None, rng=replicated)
 
 
+class NonFiniteError(ValueError):
+  """A training step's loss or gradient was not finite (with `train.nonfinite='stop'`)."""
+
+
+def _keep_if_not_finite(finite: jax.Array, new_state: TrainState, state: TrainState) -> TrainState:
+  """`new_state` when `finite`, else `state` with only the step advanced: a non-finite loss or gradient never
+  reaches the parameters, the optimizer state or the EMA, so no checkpoint can hold it."""
+  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  return kept.replace(step=new_state.step)
+
+
 def _make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
                      ema_decay: float, grad_reduce_dtype: Any = 'float32') -> Callable[..., Any]:
 
@@ -139,11 +152,13 @@ def _make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opt
     ema = state.ema_params
     if ema_decay > 0:
       ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
-    metrics = dict(task_metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                   learning_rate=schedule(state.step))
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    metrics = dict(task_metrics, loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                   nonfinite=(~finite).astype(jnp.float32))
     new_state = state.replace(step=state.step + 1, params=params, frozen_params=frozen_params, opt_state=opt_state,
                               ema_params=ema)
-    return new_state, metrics, count_units(task, batch)
+    return _keep_if_not_finite(finite, new_state, state), metrics, count_units(task, batch)
 
   return train_step
 
@@ -175,7 +190,8 @@ def train(task: Task, train_config, parallel_config, *, mesh: Mesh | None = None
       config if config is not None else {'train': train_config.to_dict(), 'parallel': parallel_config.to_dict()})
   # each process reads the rows of every global batch that its devices hold, so the global batch (and with it
   # the per-row randomness of the loss) does not depend on the number of processes
-  data = make_batch_iterator(task.dataset(), train_config.batch_size, seed=train_config.data_seed,
+  dataset = task.dataset()
+  data = make_batch_iterator(dataset, train_config.batch_size, seed=train_config.data_seed,
                              shuffle=train_config.shuffle,
                              rows=parallel.process_batch_rows(mesh, rules, train_config.batch_size))
   manager = checkpoint.make_manager(train_config.workdir, train_config.keep_checkpoints)
@@ -184,7 +200,8 @@ def train(task: Task, train_config, parallel_config, *, mesh: Mesh | None = None
       example_batch = _peek_batch(data, mesh, rules)
       state = _init_or_restore(task, tx, train_config, mesh, rules, example_batch, data, manager)
       step_fn = _jit_train_step(task, tx, schedule, train_config, mesh, state, example_batch)
-      return _run(step_fn, state, data, train_config, mesh, rules, manager, hooks, saved_config)
+      watch = _NonFiniteWatch(train_config, len(dataset), data)
+      return _run(step_fn, state, data, train_config, mesh, rules, manager, hooks, saved_config, watch)
   finally:
     manager.wait_until_finished()
     manager.close()
@@ -239,7 +256,65 @@ def _jit_train_step(task, tx, schedule, train_config, mesh, state, example_batch
                  out_shardings=(state_shardings, replicated, replicated), donate_argnums=(0,))
 
 
-def _run(step_fn, state, data, train_config, mesh, rules, manager, hooks, saved_config) -> TrainState:
+def batch_examples(num_examples: int, batch_size: int, seed: int, shuffle: bool, batch_number: int) -> list[int]:
+  """Indices into the task's dataset of the examples of global batch `batch_number`: the same order as
+  `make_batch_iterator` draws them (shuffled anew every epoch, then cut into global batches)."""
+  indices = grain.MapDataset.range(num_examples)
+  if shuffle:
+    indices = indices.shuffle(seed=seed)
+  indices = indices.repeat()
+  return [int(indices[batch_number * batch_size + row]) for row in range(batch_size)]
+
+
+class _NonFiniteWatch:
+  """Checks each step's `nonfinite` flag one step late (so the host never waits on the step it just started),
+  and before every checkpoint. `train.nonfinite='stop'` raises `NonFiniteError` naming the step and its batch;
+  'skip' reports the skipped step and goes on (the step itself already kept the state unchanged)."""
+
+  def __init__(self, train_config, num_examples: int, data):
+    self.mode = str(train_config.get('nonfinite', 'stop'))
+    if self.mode not in ('stop', 'skip'):
+      raise ValueError(f"train.nonfinite={self.mode!r} must be 'stop' or 'skip'.")
+    self.config, self.num_examples = train_config, num_examples
+    position = data.get_state()
+    self.first_batch = int(position.get('next_index', 0)) if isinstance(position, dict) else 0
+    self.first_step = None
+    self.pending: list[tuple[int, Any]] = []
+    self.skipped = 0
+
+  def add(self, step: int, metrics: dict[str, Any]) -> None:
+    if self.first_step is None:
+      self.first_step = step
+    self.pending.append((step, metrics))
+
+  def describe(self, step: int) -> str:
+    batch = self.first_batch + step - self.first_step
+    c = self.config
+    examples = batch_examples(self.num_examples, c.batch_size, c.data_seed, c.shuffle, batch)
+    return (f'global batch {batch} of the data stream (train.data_seed={c.data_seed}), examples {examples} of the '
+            f'dataset')
+
+  def check(self, keep_last: bool) -> None:
+    """Looks at every pending step (but the newest, when `keep_last`)."""
+    ready = self.pending[:-1] if keep_last else self.pending
+    self.pending = self.pending[len(ready):]
+    for step, metrics in ready:
+      if float(metrics['nonfinite']) == 0:
+        continue
+      values = f'loss {float(metrics["loss"])}, gradient norm {float(metrics["grad_norm"])}'
+      if self.mode == 'stop':
+        raise NonFiniteError(
+            f'step {step}: the loss or a gradient is not finite ({values}) on {self.describe(step)}; the run stops '
+            'here, its parameters untouched by that step and no checkpoint written after it. Look at those examples, '
+            'lower train.learning_rate, or set train.nonfinite=skip to skip such steps.')
+      self.skipped += 1
+      if jax.process_index() == 0:
+        print(f'landiff-jax: step {step} skipped: the loss or a gradient is not finite ({values}) on '
+              f'{self.describe(step)}.', file=sys.stderr, flush=True)
+
+
+def _run(step_fn, state, data, train_config, mesh, rules, manager, hooks, saved_config,
+         watch: _NonFiniteWatch) -> TrainState:
   first_step, num_steps = int(state.step), train_config.num_steps
   writer = MetricsWriter(train_config.workdir, total_steps=num_steps, initial_step=min(first_step, num_steps),
                          progress=train_config.progress, enabled=jax.process_index() == 0)
@@ -249,6 +324,8 @@ def _run(step_fn, state, data, train_config, mesh, rules, manager, hooks, saved_
   try:
     for step in range(first_step + 1, num_steps + 1):
       state, metrics, units = step_fn(state, parallel.shard_batch(next(data), mesh, rules))
+      watch.add(step, metrics)
+      watch.check(keep_last=True)
       window_units.append(units)
       writer.advance()
       last = step == num_steps
@@ -262,6 +339,7 @@ def _run(step_fn, state, data, train_config, mesh, rules, manager, hooks, saved_
         writer.write(step, {**host_metrics, **throughput})
         window_units, window_start = [], time.perf_counter()
       if step % train_config.checkpoint_every == 0 or last:
+        watch.check(keep_last=False)
         checkpoint.save(manager, step, state, data.get_state(), saved_config)
       for hook in hooks:
         hook(step, state, metrics)
