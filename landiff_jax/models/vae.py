@@ -80,37 +80,22 @@ def tile_frames(num_frames: int, frame_bytes: int, budget: int) -> int:
   return max((n for n in range(1, num_frames + 1) if num_frames % n == 0 and n * frame_bytes <= budget), default=1)
 
 
-def map_frame_tiles(tile_fn: Callable[[Any, int], Array], num_frames: int, tile: int) -> Array:
-  """`tile_fn(start, tile)` for start = 0, tile, 2·tile, …, concatenated along axis 1. The first tile (static
-  start) padded to full length is the buffer the others are written into, one loop step each, so that XLA finishes
-  a tile before it starts the next."""
-  first = tile_fn(0, tile)
+def scan_frame_tiles(tile_fn: Callable[[Any, int, Any], tuple[Array, Any]], state: Any, num_frames: int,
+                     tile: int) -> tuple[Array, Any]:
+  """`tile_fn(start, tile, state) -> (output frames, state)` for start = 0, tile, 2·tile, …: the outputs concatenated
+  along axis 1, and the last state. The first tile (static start) padded to full length is the buffer the others
+  are written into, one loop step each, so that XLA finishes a tile before it starts the next."""
+  first, state = tile_fn(0, tile, state)
   if tile >= num_frames:
-    return first
+    return first, state
   out = jnp.pad(first, [(0, 0), (0, num_frames - tile)] + [(0, 0)] * (first.ndim - 2))
 
-  def write(i, out):
-    return lax.dynamic_update_slice_in_dim(out, tile_fn(i * tile, tile), i * tile, axis=1)
+  def step(i, carry):
+    out, state = carry
+    frames, state = tile_fn(i * tile, tile, state)
+    return lax.dynamic_update_slice_in_dim(out, frames, i * tile, axis=1), state
 
-  return lax.fori_loop(1, num_frames // tile, write, out)
-
-
-def causal_window(x: Array, front: Array, start: Any, count: int, act: Activation) -> Array:
-  """Frames [start, start + count + p) of the time-padded input [front (p frames), act(x)]; `start` is a Python int
-  or, inside a loop, a traced scalar (then the window is assembled frame by frame from dynamic slices)."""
-  pad = front.shape[1]
-  if isinstance(start, int):
-    low = max(start - pad, 0)
-    frames = act(x[:, low:start + count], jnp.arange(low, start + count))
-    return jnp.concatenate([front[:, start:], frames], axis=1) if start < pad else frames
-
-  def frame(position):
-    inside = jnp.maximum(position, 0)
-    activated = act(lax.dynamic_slice_in_dim(x, inside, 1, axis=1), inside[None])
-    padding = lax.dynamic_slice_in_dim(front, jnp.clip(position + pad, 0, pad - 1), 1, axis=1)
-    return jnp.where(position < 0, padding, activated)
-
-  return jnp.concatenate([frame(start - pad + j) for j in range(count + pad)], axis=1)
+  return lax.fori_loop(1, num_frames // tile, step, (out, state))
 
 
 def latent_frame_sources(latent_frames: int, frames: int) -> np.ndarray:
@@ -178,17 +163,18 @@ class CausalConv3d(nn.Module):
     act = act or (lambda frames, index: frames)
     activated = lambda frames, index: act(frames, index).astype(self.dtype)
     if cache is None:
-      front = jnp.repeat(activated(x[:, :1], jnp.zeros(1, jnp.int32)), k - 1, axis=1)
-    else:
-      front = cache.astype(self.dtype)
+      cache = jnp.repeat(activated(x[:, :1], jnp.zeros(1, jnp.int32)), k - 1, axis=1)
+    cache = cache.astype(self.dtype)
 
-    def tile(start, count):
-      y = _conv3d_valid(causal_window(x, front, start, count, activated), kernel, self.precision) + bias
-      return y if residual is None else y + residual(start, count)
+    def tile(start, count, cache):  # a chunk's tiles carry the causal cache from one to the next, like chunks do
+      frames = activated(lax.dynamic_slice_in_dim(x, start, count, axis=1), start + jnp.arange(count))
+      window = jnp.concatenate([cache, frames], axis=1)
+      y = _conv3d_valid(window, kernel, self.precision) + bias
+      return (y if residual is None else y + residual(start, count)), window[:, -(k - 1):]
 
     _, t, h, w, c = x.shape
     frames = tile_frames(t, h * w * max(c, self.features) * jnp.dtype(self.dtype).itemsize, self.tile_bytes)
-    return map_frame_tiles(tile, t, frames), causal_window(x, front, t, 0, activated)
+    return scan_frame_tiles(tile, cache, t, frames)
 
 
 class PointwiseConv(nn.Module):
@@ -341,13 +327,13 @@ class Upsample3D(nn.Module):
     conv = FrameConv2d(self.features, dtype=self.dtype, precision=self.precision, name='conv')(c)
     sources = jnp.asarray(upsampled_frame_sources(t, self.compress_time))
 
-    def tile(start, count):
+    def tile(start, count, state):
       frames = jnp.take(x, lax.dynamic_slice_in_dim(sources, start, count), axis=1)
-      return conv(nearest_resize(frames, (count, 2 * h, 2 * w)))
+      return conv(nearest_resize(frames, (count, 2 * h, 2 * w))), state
 
     frame_bytes = 4 * h * w * max(c, self.features) * jnp.dtype(self.dtype).itemsize
     frames = tile_frames(len(sources), frame_bytes, self.tile_bytes)
-    return map_frame_tiles(tile, len(sources), frames)
+    return scan_frame_tiles(tile, None, len(sources), frames)[0]
 
 
 class Downsample3D(nn.Module):
