@@ -8,7 +8,8 @@ chunking is part of the numerics: GroupNorm statistics are taken over one chunk'
 
 `decode(model, params, latents)` and `encode(model, params, video)` are the entry points: both are jit-compiled,
 run the first chunk directly and the remaining equal-sized chunks in one `lax.scan`, so the activations held at
-once do not grow with the video's length.
+once do not grow with the video's length. Within a chunk, the convolutions run a few frames at a time (see
+"Frame tiles"), so that at 480×720 a layer holds little more than its input and output.
 """
 
 from __future__ import annotations
