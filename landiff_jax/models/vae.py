@@ -68,9 +68,9 @@ def nearest_resize(x: Array, size: Sequence[int]) -> Array:
 # Frame tiles
 #
 # GroupNorm statistics span a whole chunk, so a layer's input and output are whole-chunk tensors. Everything in
-# between (the normalised and activated input, its time padding, the upsampled copy, the stacked convolution input)
-# is computed a few output frames at a time, which keeps it to one tile's worth at the release's 480×720. Every
-# output frame is computed from the same values in the same order as without tiles.
+# between (the normalised and activated input, its causal time padding, the upsampled copy) is computed a few output
+# frames at a time, which keeps it to one tile's worth at the release's 480×720. Every output frame is computed from
+# the same values in the same order as without tiles.
 
 Activation = Callable[[Array, Array], Array]  # (frames [B, n, H, W, C], their indices in the chunk [n]) → activated
 DEFAULT_TILE_BYTES = 2**28
