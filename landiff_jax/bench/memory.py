@@ -91,10 +91,11 @@ def stage_programs(config: Any, backend: str) -> dict[str, tuple[tuple[str, ...]
     micro = {k: sds((1,), f32) for k in models['lm'].settings.micro_conditions}
     s = config.lm.sampling
     return lm_sampling._generate.lower(  # pylint: disable=protected-access
-        models['lm'], params['lm'], sds((1, text_len, int(config.t5_lm.d_model)), f32), sds((1,), i32), micro, keys,
-        sds((), f32), sds((), f32), layout=layout, num_groups=1, use_cfg=True, top_k=int(s.top_k),
+        models['lm'], params['lm'], lm_layers, sds((1, text_len, int(config.t5_lm.d_model)), f32), sds((1,), i32),
+        micro, keys, sds((), f32), sds((), f32), layout=layout, num_groups=1, use_cfg=True, top_k=int(s.top_k),
         top_p=float(s.top_p), progress=None)
 
+  lm_layers = jax.eval_shape(lm_sampling._split_layers, params['lm'])  # pylint: disable=protected-access
   tok, dit = models['tokenizer'], models['dit']
 
   def condition_fn(tok_params, dit_params, ids):  # one group: the tokenizer decodes group by group
@@ -110,7 +111,7 @@ def stage_programs(config: Any, backend: str) -> dict[str, tuple[tuple[str, ...]
     shape = (1, c.latent_frames, c.latent_height, c.latent_width, c.in_channels)
     cond = jax.eval_shape(condition_fn, params['tokenizer'], params['dit'], ids)
     return render._render.lower(  # pylint: disable=protected-access
-        params['dit'], sds((1, int(c.text_length), int(c.text_dim)), f32), cond, sds(shape, f32),
+        None, params['dit'], sds((1, int(c.text_length), int(c.text_dim)), f32), cond, sds(shape, f32),
         jax.eval_shape(lambda: jax.random.key(0)), None, None)
 
   def frames():
@@ -129,6 +130,12 @@ def stage_programs(config: Any, backend: str) -> dict[str, tuple[tuple[str, ...]
   }
 
 
+def held_bytes(config: Any) -> dict[str, int]:
+  """Bytes a stage holds on the device beside its parts and its program: the LM sampler's per-layer copy of the
+  block parameters (`sampling/lm.py` splits them once per call, in the storage dtype)."""
+  return {'semantic_ids': tree_bytes(abstract_params(config, 'lm')['params']['blocks'])}
+
+
 def estimate(config: Any, stages: tuple[str, ...] | None = None, log: Callable[[str], None] = print) -> dict:
   """Stored bytes per part, compiled temporaries per stage and the peak per offload mode, in GiB."""
   stored = stored_bytes(config)
@@ -137,12 +144,13 @@ def estimate(config: Any, stages: tuple[str, ...] | None = None, log: Callable[[
   compiled = config.copy_and_resolve_references()
   if jax.default_backend() == 'cpu':
     compiled.storage_dtype = compiled.compute_dtype = 'float32'  # see the module's docstring
+  held = held_bytes(config)
   for stage, (_, lower) in stage_programs(compiled, backend).items():
     if stages and stage not in stages:
       continue
     start = time.perf_counter()
     analysis = lower().compile().memory_analysis()
-    temps[stage] = int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes)
+    temps[stage] = int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes) + held.get(stage, 0)
     compile_s[stage] = round(time.perf_counter() - start, 1)
     log(f'{stage}: temporaries {temps[stage] / GIB:.2f} GiB (compiled in {compile_s[stage]} s)')
   all_parts = sum(stored.values())

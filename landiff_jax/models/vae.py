@@ -8,12 +8,13 @@ chunking is part of the numerics: GroupNorm statistics are taken over one chunk'
 
 `decode(model, params, latents)` and `encode(model, params, video)` are the entry points: both are jit-compiled,
 run the first chunk directly and the remaining equal-sized chunks in one `lax.scan`, so the activations held at
-once do not grow with the video's length.
+once do not grow with the video's length. Within a chunk, the convolutions run a few frames at a time (see
+"Frame tiles"), so that at 480×720 a layer holds little more than its input and output.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import functools
 from typing import Any
 
@@ -23,7 +24,6 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from landiff_jax.nn import GroupNorm
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -64,60 +64,120 @@ def nearest_resize(x: Array, size: Sequence[int]) -> Array:
   return x
 
 
-def resize_latents_like(z: Array, frames: int, height: int, width: int) -> Array:
-  """The latent chunk resized to a feature map's (T, H, W); frame 0 is resized on its own when T is odd and > 1."""
+# ---------------------------------------------------------------------------------------------------------------------
+# Frame tiles
+#
+# GroupNorm statistics span a whole chunk, so a layer's input and output are whole-chunk tensors. Everything in
+# between (the normalised and activated input, its causal time padding, the upsampled copy) is computed a few output
+# frames at a time, which keeps it to one tile's worth at the release's 480×720. Every output frame is computed from
+# the same values in the same order as without tiles.
+
+Activation = Callable[[Array, Array], Array]  # (frames [B, n, H, W, C], their indices in the chunk [n]) → activated
+DEFAULT_TILE_BYTES = 2**28
+
+
+def tile_frames(num_frames: int, frame_bytes: int, budget: int) -> int:
+  """The largest divisor of `num_frames` whose frames take at most `budget` bytes (at least 1)."""
+  return max((n for n in range(1, num_frames + 1) if num_frames % n == 0 and n * frame_bytes <= budget), default=1)
+
+
+def scan_frame_tiles(tile_fn: Callable[[Any, int, Any], tuple[Array, Any]], state: Any, num_frames: int,
+                     tile: int) -> tuple[Array, Any]:
+  """`tile_fn(start, tile, state) -> (output frames, state)` for start = 0, tile, 2·tile, …: the outputs concatenated
+  along axis 1, and the last state. The first tile (static start) padded to full length is the buffer the others
+  are written into, one loop step each, so that XLA finishes a tile before it starts the next."""
+  first, state = tile_fn(0, tile, state)
+  if tile >= num_frames:
+    return first, state
+  out = jnp.pad(first, [(0, 0), (0, num_frames - tile)] + [(0, 0)] * (first.ndim - 2))
+
+  def step(i, carry):
+    out, state = carry
+    frames, state = tile_fn(i * tile, tile, state)
+    return lax.dynamic_update_slice_in_dim(out, frames, i * tile, axis=1), state
+
+  return lax.fori_loop(1, num_frames // tile, step, (out, state))
+
+
+def latent_frame_sources(latent_frames: int, frames: int) -> np.ndarray:
+  """The latent frame each of a feature map's frames is conditioned on (frame 0 on its own when T is odd and > 1)."""
   if frames > 1 and frames % 2 == 1:
-    first = nearest_resize(z[:, :1], (1, height, width))
-    rest = nearest_resize(z[:, 1:], (frames - 1, height, width))
-    return jnp.concatenate([first, rest], axis=1)
-  return nearest_resize(z, (frames, height, width))
+    return np.concatenate([[0], 1 + nearest_indices(latent_frames - 1, frames - 1)])
+  return nearest_indices(latent_frames, frames)
+
+
+def upsampled_frame_sources(frames: int, compress_time: bool) -> np.ndarray:
+  """The input frame of each output frame of a time upsampling (frame 0 kept single when T is odd)."""
+  if not compress_time or frames == 1:
+    return np.arange(frames)
+  if frames % 2:
+    return np.concatenate([[0], 1 + np.arange(2 * (frames - 1)) // 2])
+  return np.arange(2 * frames) // 2
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Layers
+#
+# Layers used inside frame tiles are called with their input's channel count and return the layer as a function:
+# Flax modules cannot be called inside the tiles' loop, their parameters can.
+
+
+def _conv3d_valid(x: Array, kernel: Array, precision: Any) -> Array:
+  """Valid in time, same in space."""
+  if jax.default_backend() == 'cpu':
+    return _conv3d_as_conv2d(x, kernel, precision)
+  pad = kernel.shape[1] // 2
+  return lax.conv_general_dilated(x, kernel, window_strides=(1, 1, 1), padding=((0, 0), (pad, pad), (pad, pad)),
+                                  dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'), precision=precision)
+
+
+def _conv3d_as_conv2d(x: Array, kernel: Array, precision: Any) -> Array:
+  """The valid-in-time, same-in-space 3D convolution as the sum over the kernel's k time taps of 2D convolutions of
+  the time-shifted inputs. XLA:CPU has no fast 3D convolution: this is about 5× faster there (same sums,
+  reassociated); taking each tap from a slice, never from a stacked copy, keeps the memory at the input's."""
+  k, _, _, c, features = kernel.shape
+  b, t, h, w, _ = x.shape
+  frames = t - k + 1
+  y = None
+  for i in range(k):
+    tap = lax.conv_general_dilated(x[:, i:i + frames].reshape(b * frames, h, w, c), kernel[i], window_strides=(1, 1),
+                                   padding=((k // 2, k // 2),) * 2, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                   precision=precision)
+    y = tap if y is None else y + tap
+  return y.reshape(b, frames, h, w, features)
 
 
 class CausalConv3d(nn.Module):
-  """Conv3d with k−1 frames of causal front padding (first-frame copies, or the previous chunk's cache)."""
+  """Conv3d of act(x) with k−1 frames of causal front padding (first-frame copies, or the previous chunk's cache),
+  computed in frame tiles; `residual(start, count)` is added to each tile of the output."""
   features: int
   kernel_size: int = 3
   dtype: Any = jnp.float32
   precision: Any = None
+  tile_bytes: int = DEFAULT_TILE_BYTES
 
   @nn.compact
-  def __call__(self, x: Array, cache: Array | None = None) -> tuple[Array, Array | None]:
+  def __call__(self, x: Array, act: Activation | None = None, cache: Array | None = None,
+               residual: Callable[[Any, int], Array] | None = None) -> tuple[Array, Array]:
     k = self.kernel_size
     kernel = self.param('kernel', nn.with_logical_partitioning(torch_default_init, CONV_KERNEL_AXES_3D),
-                        (k, k, k, x.shape[-1], self.features), jnp.float32)
-    bias = _bias(self, self.features)
-    x = x.astype(self.dtype)
-    new_cache = None
-    if k > 1:
-      front = jnp.repeat(x[:, :1], k - 1, axis=1) if cache is None else cache.astype(self.dtype)
-      x = jnp.concatenate([front, x], axis=1)
-      new_cache = x[:, -(k - 1):]
-    if jax.default_backend() == 'cpu':
-      y = _conv3d_as_conv2d(x, kernel.astype(self.dtype), self.precision)
-    else:
-      pad = k // 2
-      y = lax.conv_general_dilated(x, kernel.astype(self.dtype), window_strides=(1, 1, 1),
-                                   padding=((0, 0), (pad, pad), (pad, pad)),
-                                   dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'), precision=self.precision)
-    return y + bias.astype(self.dtype), new_cache
+                        (k, k, k, x.shape[-1], self.features), jnp.float32).astype(self.dtype)
+    bias = _bias(self, self.features).astype(self.dtype)
+    act = act or (lambda frames, index: frames)
+    activated = lambda frames, index: act(frames, index).astype(self.dtype)
+    if cache is None:
+      cache = jnp.repeat(activated(x[:, :1], jnp.zeros(1, jnp.int32)), k - 1, axis=1)
+    cache = cache.astype(self.dtype)
 
+    def tile(start, count, cache):  # a chunk's tiles carry the causal cache from one to the next, like chunks do
+      frames = activated(lax.dynamic_slice_in_dim(x, start, count, axis=1), start + jnp.arange(count))
+      window = jnp.concatenate([cache, frames], axis=1)
+      y = _conv3d_valid(window, kernel, self.precision) + bias
+      return (y if residual is None else y + residual(start, count)), window[:, -(k - 1):]
 
-def _conv3d_as_conv2d(x: Array, kernel: Array, precision: Any) -> Array:
-  """The valid-in-time, same-in-space 3D convolution as one 2D convolution over the k time-shifted copies stacked
-  on channels. XLA:CPU has no fast 3D convolution: this is 5× faster there (same sums, reassociated); elsewhere
-  the stacked copies would cost k× the input's memory, so other backends use the 3D convolution."""
-  k, _, _, c, features = kernel.shape
-  b, t, h, w, _ = x.shape
-  frames = t - k + 1
-  stacked = jnp.concatenate([x[:, i:i + frames] for i in range(k)], axis=-1).reshape(b * frames, h, w, k * c)
-  kernel2d = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(k, k, k * c, features)
-  y = lax.conv_general_dilated(stacked, kernel2d, window_strides=(1, 1), padding=((k // 2, k // 2),) * 2,
-                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=precision)
-  return y.reshape(b, frames, h, w, features)
+    _, t, h, w, c = x.shape
+    frames = tile_frames(t, h * w * max(c, self.features) * jnp.dtype(self.dtype).itemsize, self.tile_bytes)
+    return scan_frame_tiles(tile, cache, t, frames)
 
 
 class PointwiseConv(nn.Module):
@@ -127,12 +187,11 @@ class PointwiseConv(nn.Module):
   precision: Any = None
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, in_features: int) -> Callable[[Array], Array]:
     kernel = self.param('kernel', nn.with_logical_partitioning(torch_default_init, ('conv_in', 'conv_out')),
-                        (x.shape[-1], self.features), jnp.float32)
-    bias = _bias(self, self.features)
-    y = jnp.einsum('...i,io->...o', x.astype(self.dtype), kernel.astype(self.dtype), precision=self.precision)
-    return y + bias.astype(self.dtype)
+                        (in_features, self.features), jnp.float32).astype(self.dtype)
+    bias = _bias(self, self.features).astype(self.dtype)
+    return lambda x: jnp.einsum('...i,io->...o', x.astype(self.dtype), kernel, precision=self.precision) + bias
 
 
 class FrameConv2d(nn.Module):
@@ -144,21 +203,53 @@ class FrameConv2d(nn.Module):
   precision: Any = None
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, in_features: int) -> Callable[[Array], Array]:
     kernel = self.param('kernel', nn.with_logical_partitioning(torch_default_init, CONV_KERNEL_AXES_2D),
-                        (3, 3, x.shape[-1], self.features), jnp.float32)
-    bias = _bias(self, self.features)
-    b, t = x.shape[:2]
-    frames = x.reshape((b * t,) + x.shape[2:]).astype(self.dtype)
-    y = lax.conv_general_dilated(frames, kernel.astype(self.dtype), window_strides=(self.stride, self.stride),
-                                 padding=self.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                 precision=self.precision)
-    y = y + bias.astype(self.dtype)
-    return y.reshape((b, t) + y.shape[1:])
+                        (3, 3, in_features, self.features), jnp.float32).astype(self.dtype)
+    bias = _bias(self, self.features).astype(self.dtype)
+
+    def conv(x):
+      b, t = x.shape[:2]
+      frames = x.reshape((b * t,) + x.shape[2:]).astype(self.dtype)
+      y = lax.conv_general_dilated(frames, kernel, window_strides=(self.stride, self.stride), padding=self.padding,
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=self.precision)
+      y = y + bias
+      return y.reshape((b, t) + y.shape[1:])
+
+    return conv
+
+
+class ChunkGroupNorm(nn.Module):
+  """GroupNorm (`landiff_jax.nn.GroupNorm`'s parameters and numerics) whose statistics are taken over the whole
+  chunk `x` when called; returns the normalisation, to apply to any of the chunk's frames."""
+  num_groups: int
+  eps: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Callable[[Array], Array]:
+    channels = x.shape[-1]
+    if channels % self.num_groups:
+      raise ValueError(f'GroupNorm {self.name!r}: {channels} channels are not divisible into {self.num_groups} groups.')
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones_init(), ('norm',)), (channels,),
+                       jnp.float32)
+    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('norm',)), (channels,),
+                      jnp.float32)
+    grouped_shape = (x.shape[0], -1, self.num_groups, channels // self.num_groups)
+    grouped = x.astype(jnp.float32).reshape(grouped_shape)
+    mean = grouped.mean(axis=(1, 3), keepdims=True)
+    inv_std = lax.rsqrt(jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True) + self.eps)
+
+    def normalize(frames):
+      normed = ((frames.astype(jnp.float32).reshape(grouped_shape) - mean) * inv_std).reshape(frames.shape)
+      return (normed * scale + bias).astype(self.dtype)
+
+    return normalize
 
 
 class SpatialNorm3D(nn.Module):
-  """GroupNorm(f) · conv_y(z') + conv_b(z'), z' the latent chunk resized to f (no "1 +").
+  """GroupNorm(f) · conv_y(z') + conv_b(z'), z' the latent chunk resized to f (no "1 +"); returns it as an
+  Activation of f's frames.
 
   conv_y and conv_b are 1×1×1, so they commute with the nearest resize: they run at latent resolution and the
   result is resized, which gives the same values at a fraction of the cost.
@@ -170,12 +261,23 @@ class SpatialNorm3D(nn.Module):
   precision: Any = None
 
   @nn.compact
-  def __call__(self, f: Array, z: Array) -> Array:
+  def __call__(self, f: Array, z: Array) -> Activation:
     conv = functools.partial(PointwiseConv, self.features, dtype=self.dtype, precision=self.precision)
-    gain = resize_latents_like(conv(name='conv_y')(z), *f.shape[1:4])
-    shift = resize_latents_like(conv(name='conv_b')(z), *f.shape[1:4])
-    normed = GroupNorm(self.num_groups, self.eps, dtype=self.dtype, name='norm_layer')(f)
-    return normed * gain + shift
+    gain = conv(name='conv_y')(z.shape[-1])(z)
+    shift = conv(name='conv_b')(z.shape[-1])(z)
+    normalize = ChunkGroupNorm(self.num_groups, self.eps, dtype=self.dtype, name='norm_layer')(f)
+    sources = jnp.asarray(latent_frame_sources(z.shape[1], f.shape[1]))
+    height, width = f.shape[2:4]
+
+    def norm(frames, index):
+      resized = lambda m: nearest_resize(jnp.take(m, sources[index], axis=1), (len(index), height, width))
+      return normalize(frames) * resized(gain) + resized(shift)
+
+    return norm
+
+
+def silu_of(norm: Activation) -> Activation:
+  return lambda frames, index: nn.silu(norm(frames, index))
 
 
 class ResnetBlock3D(nn.Module):
@@ -189,45 +291,52 @@ class ResnetBlock3D(nn.Module):
   spatial_norm: bool = False
   dtype: Any = jnp.float32
   precision: Any = None
+  tile_bytes: int = DEFAULT_TILE_BYTES
 
-  def norm(self, name: str, x: Array, z: Array | None) -> Array:
+  def norm(self, name: str, x: Array, z: Array | None) -> Activation:
     if self.spatial_norm:
-      return SpatialNorm3D(self.features if name == 'norm2' else x.shape[-1], self.num_groups, self.eps,
-                           dtype=self.dtype, precision=self.precision, name=name)(x, z)
-    return GroupNorm(self.num_groups, self.eps, dtype=self.dtype, name=name)(x)
+      return SpatialNorm3D(x.shape[-1], self.num_groups, self.eps, dtype=self.dtype, precision=self.precision,
+                           name=name)(x, z)
+    normalize = ChunkGroupNorm(self.num_groups, self.eps, dtype=self.dtype, name=name)(x)
+    return lambda frames, index: normalize(frames)
 
   @nn.compact
   def __call__(self, x: Array, z: Array | None, cache: Cache | None) -> tuple[Array, Cache]:
     cache = cache or {}
-    conv = functools.partial(CausalConv3d, self.features, 3, dtype=self.dtype, precision=self.precision)
-    h = nn.silu(self.norm('norm1', x, z))
-    h, cache1 = conv(name='conv1')(h, cache.get('conv1'))
-    h = nn.silu(self.norm('norm2', h, z))
-    h, cache2 = conv(name='conv2')(h, cache.get('conv2'))
+    conv = functools.partial(CausalConv3d, self.features, 3, dtype=self.dtype, precision=self.precision,
+                             tile_bytes=self.tile_bytes)
+    h, cache1 = conv(name='conv1')(x, silu_of(self.norm('norm1', x, z)), cache.get('conv1'))
+    shortcut = lambda frames: frames.astype(self.dtype)
     if x.shape[-1] != self.features:
-      x = PointwiseConv(self.features, dtype=self.dtype, precision=self.precision, name='conv_shortcut')(x)
-    return h + x.astype(h.dtype), {'conv1': cache1, 'conv2': cache2}
+      shortcut = PointwiseConv(self.features, dtype=self.dtype, precision=self.precision,
+                               name='conv_shortcut')(x.shape[-1])
+    residual = lambda start, count: shortcut(lax.dynamic_slice_in_dim(x, start, count, axis=1))
+    h, cache2 = conv(name='conv2')(h, silu_of(self.norm('norm2', h, z)), cache.get('conv2'), residual)
+    return h, {'conv1': cache1, 'conv2': cache2}
 
 
 class Upsample3D(nn.Module):
-  """Nearest ×2 (in time too when `compress_time`, frame 0 kept single when T is odd), then a per-frame 3×3 conv."""
+  """Nearest ×2 (in time too when `compress_time`, frame 0 kept single when T is odd), then a per-frame 3×3 conv;
+  in frame tiles."""
   features: int
   compress_time: bool
   dtype: Any = jnp.float32
   precision: Any = None
+  tile_bytes: int = DEFAULT_TILE_BYTES
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    b, t, h, w, _ = x.shape
-    if self.compress_time and t > 1 and t % 2 == 1:
-      first = nearest_resize(x[:, :1], (1, 2 * h, 2 * w))
-      rest = nearest_resize(x[:, 1:], (2 * (t - 1), 2 * h, 2 * w))
-      x = jnp.concatenate([first, rest], axis=1)
-    elif self.compress_time and t > 1:
-      x = nearest_resize(x, (2 * t, 2 * h, 2 * w))
-    else:
-      x = nearest_resize(x, (t, 2 * h, 2 * w))
-    return FrameConv2d(self.features, dtype=self.dtype, precision=self.precision, name='conv')(x)
+    _, t, h, w, c = x.shape
+    conv = FrameConv2d(self.features, dtype=self.dtype, precision=self.precision, name='conv')(c)
+    sources = jnp.asarray(upsampled_frame_sources(t, self.compress_time))
+
+    def tile(start, count, state):
+      frames = jnp.take(x, lax.dynamic_slice_in_dim(sources, start, count), axis=1)
+      return conv(nearest_resize(frames, (count, 2 * h, 2 * w))), state
+
+    frame_bytes = 4 * h * w * max(c, self.features) * jnp.dtype(self.dtype).itemsize
+    frames = tile_frames(len(sources), frame_bytes, self.tile_bytes)
+    return scan_frame_tiles(tile, None, len(sources), frames)[0]
 
 
 class Downsample3D(nn.Module):
@@ -245,7 +354,7 @@ class Downsample3D(nn.Module):
       pooled = (rest[:, 0::2] + rest[:, 1::2]) / 2
       x = jnp.concatenate([first, pooled], axis=1)
     return FrameConv2d(self.features, stride=2, padding=((0, 1), (0, 1)), dtype=self.dtype,
-                       precision=self.precision, name='conv')(x)
+                       precision=self.precision, name='conv')(x.shape[-1])(x)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -262,18 +371,20 @@ class Encoder3D(nn.Module):
   temporal_compress_levels: int
   dtype: Any = jnp.float32
   precision: Any = None
+  tile_bytes: int = DEFAULT_TILE_BYTES
 
   @nn.compact
   def __call__(self, x: Array, cache: Cache | None = None) -> tuple[Array, Cache]:
     cache = cache or {}
     new: Cache = {}
     common = dict(dtype=self.dtype, precision=self.precision)
-    h, new['conv_in'] = CausalConv3d(self.block_channels[0], **common, name='conv_in')(x, cache.get('conv_in'))
+    tiled = dict(common, tile_bytes=self.tile_bytes)
+    h, new['conv_in'] = CausalConv3d(self.block_channels[0], **tiled, name='conv_in')(x, cache=cache.get('conv_in'))
     for i, channels in enumerate(self.block_channels):
       block_cache = cache.get(f'down_blocks_{i}', {})
       new_block: Cache = {}
       for j in range(self.num_res_blocks):
-        h, new_block[f'resnets_{j}'] = ResnetBlock3D(channels, self.num_groups, self.eps, **common,
+        h, new_block[f'resnets_{j}'] = ResnetBlock3D(channels, self.num_groups, self.eps, **tiled,
                                                      name=f'down_blocks_{i}_resnets_{j}')(
                                                          h, None, block_cache.get(f'resnets_{j}'))
       if i < len(self.block_channels) - 1:
@@ -282,11 +393,12 @@ class Encoder3D(nn.Module):
     mid_cache = cache.get('mid_block', {})
     new['mid_block'] = {}
     for j in range(2):
-      h, new['mid_block'][f'resnets_{j}'] = ResnetBlock3D(self.block_channels[-1], self.num_groups, self.eps, **common,
+      h, new['mid_block'][f'resnets_{j}'] = ResnetBlock3D(self.block_channels[-1], self.num_groups, self.eps, **tiled,
                                                           name=f'mid_block_resnets_{j}')(
                                                               h, None, mid_cache.get(f'resnets_{j}'))
-    h = nn.silu(GroupNorm(self.num_groups, self.eps, dtype=self.dtype, name='norm_out')(h))
-    h, new['conv_out'] = CausalConv3d(2 * self.latent_channels, **common, name='conv_out')(h, cache.get('conv_out'))
+    normalize = ChunkGroupNorm(self.num_groups, self.eps, dtype=self.dtype, name='norm_out')(h)
+    h, new['conv_out'] = CausalConv3d(2 * self.latent_channels, **tiled, name='conv_out')(
+        h, lambda frames, index: nn.silu(normalize(frames)), cache.get('conv_out'))
     return h, new
 
 
@@ -300,15 +412,16 @@ class Decoder3D(nn.Module):
   temporal_compress_levels: int
   dtype: Any = jnp.float32
   precision: Any = None
+  tile_bytes: int = DEFAULT_TILE_BYTES
 
   @nn.compact
   def __call__(self, z: Array, cache: Cache | None = None) -> tuple[Array, Cache]:
     cache = cache or {}
     new: Cache = {}
-    common = dict(dtype=self.dtype, precision=self.precision)
+    common = dict(dtype=self.dtype, precision=self.precision, tile_bytes=self.tile_bytes)
     widths = tuple(reversed(self.block_channels))
     resnet = functools.partial(ResnetBlock3D, num_groups=self.num_groups, eps=self.eps, spatial_norm=True, **common)
-    h, new['conv_in'] = CausalConv3d(widths[0], **common, name='conv_in')(z, cache.get('conv_in'))
+    h, new['conv_in'] = CausalConv3d(widths[0], **common, name='conv_in')(z, cache=cache.get('conv_in'))
     mid_cache = cache.get('mid_block', {})
     new['mid_block'] = {}
     for j in range(2):
@@ -323,8 +436,10 @@ class Decoder3D(nn.Module):
       if i < len(widths) - 1:
         h = Upsample3D(channels, i < self.temporal_compress_levels, **common, name=f'up_blocks_{i}_upsampler')(h)
       new[f'up_blocks_{i}'] = new_block
-    h = nn.silu(SpatialNorm3D(widths[-1], self.num_groups, self.eps, **common, name='norm_out')(h, z))
-    h, new['conv_out'] = CausalConv3d(self.out_channels, **common, name='conv_out')(h, cache.get('conv_out'))
+    norm = SpatialNorm3D(widths[-1], self.num_groups, self.eps, dtype=self.dtype, precision=self.precision,
+                         name='norm_out')(h, z)
+    h, new['conv_out'] = CausalConv3d(self.out_channels, **common, name='conv_out')(h, silu_of(norm),
+                                                                                    cache.get('conv_out'))
     return h, new
 
 
@@ -344,6 +459,7 @@ class CogVideoXVAE(nn.Module):
   with_encoder: bool = True
   dtype: Any = jnp.float32
   precision: Any = None
+  tile_bytes: int = DEFAULT_TILE_BYTES
 
   @property
   def spatial_compression(self) -> int:
@@ -353,7 +469,8 @@ class CogVideoXVAE(nn.Module):
     block_channels = tuple(self.channels * m for m in self.channel_mult)
     levels = int(np.log2(self.temporal_compression))
     common = dict(block_channels=block_channels, num_res_blocks=self.num_res_blocks, num_groups=self.num_groups,
-                  eps=self.norm_eps, temporal_compress_levels=levels, dtype=self.dtype, precision=self.precision)
+                  eps=self.norm_eps, temporal_compress_levels=levels, dtype=self.dtype, precision=self.precision,
+                  tile_bytes=self.tile_bytes)
     if self.with_encoder:
       self.encoder = Encoder3D(self.latent_channels, **common)
     self.decoder = Decoder3D(self.in_channels, **common)
