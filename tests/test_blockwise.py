@@ -126,11 +126,13 @@ def _struct(b, lq, lk, h, d, dtype=jnp.bfloat16):
 
 @pytest.mark.parametrize('name', ['full_padded', 'causal_traced_offset', 'encoder'])
 def test_auto_is_blockwise_on_cpu_and_equals_xla(name):
+  """(A KV-cache step, the traced offset, runs the dense einsum: its scores are one row per query.)"""
   mask, lq, lk, q_offset, padded = CASES[name]
   q, k, v, _ = _inputs(2, lq, lk, 4, 2, 8, seed=1)
   offset = jnp.int32(lk - lq) if q_offset == 'traced' else q_offset
   kv_valid = jnp.ones((2, lk), bool).at[0, -2:].set(False) if padded else None
-  assert attention_lib.resolve_backend('auto', q, k, v, mask, kv_valid=kv_valid, q_offset=offset) == 'blockwise'
+  expected = 'xla' if q_offset == 'traced' else 'blockwise'
+  assert attention_lib.resolve_backend('auto', q, k, v, mask, kv_valid=kv_valid, q_offset=offset) == expected
   run = jax.jit(lambda q, k, v, kv_valid, offset, backend: attention_lib.attention(
       q, k, v, mask, kv_valid=kv_valid, q_offset=offset if q_offset == 'traced' else q_offset, backend=backend),
                 static_argnames='backend')
@@ -151,16 +153,18 @@ def test_auto_rules_per_platform():
   traced = jnp.int32(1243)  # not a Python int: what a decode step's offset is under jit
   f32 = lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32)
   gpu = functools.partial(resolve, 'auto', platform='gpu')
-  # GPU: cuDNN for full / aligned causal, the Pallas kernel for frame-causal masks and padded prefill, cuDNN's small
-  # dense mask for decode steps (the kernel needs a static offset), blockwise where neither fits
+  # decode steps (a few queries, small scores): one dense einsum everywhere, unless the limit forbids even that
+  for platform in ('gpu', 'tpu', 'cpu'):
+    assert resolve('auto', step_q, step_k, step_k, MaskSpec.causal(), kv_valid=padding, q_offset=traced,
+                   platform=platform) == 'xla'
+  # GPU: cuDNN for full / aligned causal, the Pallas kernel for frame-causal masks and padded prefill, blockwise
+  # where neither fits
   assert gpu(dit_q, dit_k, dit_k, MaskSpec.full()) == 'cudnn'
   assert gpu(lm_q, lm_k, lm_k, MaskSpec.causal()) == 'cudnn'
   assert gpu(lm_q, lm_k, lm_k, MaskSpec.causal(), kv_valid=padding) == 'pallas'
   assert gpu(tok_q, tok_k, tok_k, encoder) == 'pallas'
   assert gpu(tok_q, tok_k, tok_k, MaskSpec.decoder(OFFICIAL_TOKENIZER)) == 'pallas'
   assert gpu(f32(dit_q), f32(dit_k), f32(dit_k), MaskSpec.full()) == 'pallas'  # cuDNN takes bf16/fp16 only
-  assert gpu(step_q, step_k, step_k, MaskSpec.causal(), kv_valid=padding, q_offset=traced) == 'cudnn'
-  assert gpu(f32(step_q), f32(step_k), f32(step_k), MaskSpec.causal(), q_offset=traced) == 'blockwise'
   assert gpu(step_q, step_k, step_k, MaskSpec.causal(), q_offset=traced, max_gib=1e-9) == 'blockwise'
   odd_q, odd_k = _struct(2, 300, 300, 4, 96, jnp.float32)  # a head dim the Pallas kernel does not take
   assert gpu(odd_q, odd_k, odd_k, MaskSpec.full()) == 'blockwise'
@@ -169,7 +173,7 @@ def test_auto_rules_per_platform():
   assert tpu(tok_q, tok_k, tok_k, encoder) == 'splash'
   assert tpu(dit_q, dit_k, dit_k, MaskSpec.full()) == 'splash'
   assert tpu(lm_q, lm_k, lm_k, MaskSpec.causal(), kv_valid=padding) == 'blockwise'
-  assert tpu(step_q, step_k, step_k, MaskSpec.causal(), q_offset=traced) == 'blockwise'
+  assert tpu(step_q, step_k, step_k, MaskSpec.causal(), q_offset=traced, max_gib=1e-9) == 'blockwise'
   # CPU: always blockwise
   for q, k, mask in ((dit_q, dit_k, MaskSpec.full()), (tok_q, tok_k, encoder), (lm_q, lm_k, MaskSpec.causal())):
     assert resolve('auto', q, k, k, mask, platform='cpu') == 'blockwise'

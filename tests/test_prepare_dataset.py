@@ -29,6 +29,7 @@ from landiff_jax.train import train
 from landiff_jax.train.checkpoint import checkpoint_dir
 from landiff_jax.train.tasks.diffusion import DiffusionTask
 from landiff_jax.train.tasks.lm import LMTask
+from landiff_jax.train.tasks.tokenizer import TokenizerTask
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_VIDEOS = 20
@@ -313,6 +314,18 @@ def test_training_from_the_shards_resumes_exactly(store, tmp_path, task_class, m
                   os.path.join(checkpoint_dir(str(tmp_path / 'stopped')), '3'))
   resumed = losses_of(task_class(make_config(dst, str(tmp_path / 'stopped'))), devices)
   np.testing.assert_allclose(resumed, whole[3:], rtol=1e-6, atol=1e-7)
+
+
+def test_the_tokenizer_trains_from_the_shards(store, tmp_path):
+  """The tokenizer stage reads the stored Theia features of each group, the first stage a real run trains."""
+  config = load_config('configs/train.py:tokenizer,tiny', [
+      f'train.data_dir={store[0]}', f'train.workdir={tmp_path}', 'train.batch_size=4', 'train.num_steps=4',
+      'train.checkpoint_every=4', 'train.warmup_steps=1'])
+  task = TokenizerTask(config)
+  t = config.tokenizer
+  assert task.dataset()[0]['features'].shape == (t.frames_per_group, *t.feature_grid, t.feature_dim)
+  losses = losses_of(task, 1)
+  assert len(losses) == 4 and np.all(np.isfinite(losses))
 
 
 def test_npz_directories_still_work(tmp_path):

@@ -220,5 +220,10 @@ def stage_source(data_dir: str, stage: str, example_keys: Sequence[str]) -> Any:
   if is_store(data_dir):
     fields = STAGE_FIELDS[stage]
     return open_source(data_dir, {key: fields[key] for key in example_keys})
+  return npz_source(data_dir, example_keys)
+
+
+def npz_source(data_dir: str, example_keys: Sequence[str]) -> grain.MapDataset:
+  """A folder of `.npz` examples (the demo recipe's) as a random-access dataset."""
   from landiff_jax.data.sources import NpzDirectory
   return grain.MapDataset.source(NpzDirectory(data_dir, example_keys))

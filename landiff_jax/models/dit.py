@@ -43,7 +43,7 @@ class Attention(nn.Module):
   num_heads: int
   head_dim: int
   qk_norm_eps: float
-  backend: str = 'xla'
+  backend: str = 'auto'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -65,7 +65,7 @@ class DiTBlock(nn.Module):
   text_length: int
   layer_norm_eps: float
   qk_norm_eps: float
-  backend: str = 'xla'
+  backend: str = 'auto'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -196,7 +196,7 @@ class CogVideoXDiT(nn.Module):
   `control` is the stacked residuals [L_control, B, S, D] of `ControlBranch`, added after blocks 0..L_control−1.
   """
   config: Any
-  attention_backend: str = 'xla'
+  attention_backend: str = 'auto'
   remat_policy: str = 'none'
   dtype: Any = jnp.float32
 
@@ -253,7 +253,7 @@ class ControlledDiT(nn.Module):
   dit_config: Any
   num_control_layers: int
   upsampler: SemanticUpsampler | None = None
-  attention_backend: str = 'xla'
+  attention_backend: str = 'auto'
   remat_policy: str = 'none'
   dtype: Any = jnp.float32
 
@@ -319,7 +319,7 @@ def build_dit(config: Any, *, dtype: Any = jnp.float32, num_control_layers: int 
   if num_control_layers and 'upsampler' in config:
     upsampler = build_semantic_upsampler(config.upsampler, dtype=dtype)
   return ControlledDiT(dit_config, num_control_layers, upsampler,
-                       attention_backend or config.get('attention_backend', 'xla'), remat_policy, jnp.dtype(dtype))
+                       attention_backend or config.get('attention_backend', 'auto'), remat_policy, jnp.dtype(dtype))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,7 +55,7 @@ class LMSettings:
 
 class Block(nn.Module):
   settings: LMSettings
-  backend: str = 'xla'
+  backend: str = 'auto'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -86,7 +86,7 @@ class Block(nn.Module):
 class SemanticLM(nn.Module):
   """`apply(params, embeds, positions, valid)` → logits; embedding helpers as methods."""
   settings: LMSettings
-  backend: str = 'xla'
+  backend: str = 'auto'
   remat_policy: str = 'none'
   dtype: Any = jnp.float32
 
@@ -194,6 +194,6 @@ def empty_cache(settings: LMSettings, batch: int, max_len: int, dtype: Any) -> t
   return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
-def build_lm(config: Any, *, dtype: Any = jnp.float32, attention_backend: str = 'xla',
+def build_lm(config: Any, *, dtype: Any = jnp.float32, attention_backend: str = 'auto',
              remat_policy: str = 'none') -> SemanticLM:
   return SemanticLM(LMSettings.from_config(config), attention_backend, remat_policy, jnp.dtype(dtype))

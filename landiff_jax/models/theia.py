@@ -83,7 +83,7 @@ def resize_position_table(table: Array, grid: int) -> Array:
 
 class TheiaBlock(nn.Module):
   settings: TheiaSettings
-  backend: str = 'xla'
+  backend: str = 'auto'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -103,7 +103,7 @@ class TheiaBlock(nn.Module):
 class Theia(nn.Module):
   """`apply(params, frames[B, H, W, 3] uint8 or 0..255) -> features[B, H/16, W/16, hidden]` (float32)."""
   settings: TheiaSettings
-  backend: str = 'xla'
+  backend: str = 'auto'
   remat_policy: str = 'none'
   dtype: Any = jnp.float32
 
@@ -141,7 +141,7 @@ class Theia(nn.Module):
     return self.init(rng, jnp.zeros((1, self.settings.patch_size, self.settings.patch_size, 3), jnp.uint8))
 
 
-def build_theia(config: Any, *, dtype: Any = jnp.float32, attention_backend: str = 'xla',
+def build_theia(config: Any, *, dtype: Any = jnp.float32, attention_backend: str = 'auto',
                 remat_policy: str = 'none') -> Theia:
   return Theia(TheiaSettings.from_config(config), attention_backend, remat_policy, jnp.dtype(dtype))
 

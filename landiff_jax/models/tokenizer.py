@@ -93,7 +93,7 @@ class Block(nn.Module):
   """Pre-norm residual attention block with 3D RoPE on q and k and a frame-causal mask."""
   settings: TokenizerSettings
   mask: MaskSpec
-  backend: str = 'xla'
+  backend: str = 'auto'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -119,7 +119,7 @@ def transformer(s: TokenizerSettings, mask: MaskSpec, backend: str, dtype: Any, 
 
 class TokenizerEncoder(nn.Module):
   settings: TokenizerSettings
-  backend: str = 'xla'
+  backend: str = 'auto'
   remat_policy: str = 'none'
   dtype: Any = jnp.float32
 
@@ -146,7 +146,7 @@ class TokenizerEncoder(nn.Module):
 
 class TokenizerDecoder(nn.Module):
   settings: TokenizerSettings
-  backend: str = 'xla'
+  backend: str = 'auto'
   remat_policy: str = 'none'
   dtype: Any = jnp.float32
 
@@ -174,7 +174,7 @@ class TokenizerDecoder(nn.Module):
 class VideoTokenizer(nn.Module):
   """Encoder + quantizer + decoder. Methods: `encode_group`, `decode_group`, `__call__` (reconstruction)."""
   settings: TokenizerSettings
-  backend: str = 'xla'
+  backend: str = 'auto'
   remat_policy: str = 'none'
   dtype: Any = jnp.float32
 
@@ -202,7 +202,7 @@ class VideoTokenizer(nn.Module):
     return self.init(rng, jnp.zeros((1, frames, *s.grid, s.feature_dim)))
 
 
-def build_tokenizer(config: Any, *, dtype: Any = jnp.float32, attention_backend: str = 'xla',
+def build_tokenizer(config: Any, *, dtype: Any = jnp.float32, attention_backend: str = 'auto',
                     remat_policy: str = 'none') -> VideoTokenizer:
   """The tokenizer of a `tokenizer` config section."""
   return VideoTokenizer(TokenizerSettings.from_config(config), attention_backend, remat_policy, jnp.dtype(dtype))

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from landiff_jax.data import shards
 from landiff_jax.train.tasks.base import StageTask
 from landiff_jax.models import dit as dit_model
 
@@ -43,6 +41,7 @@ class DiffusionTask(StageTask):
   """The `landiff_jax.train.Task` of the diffusion stage (control branch + upsampler on a frozen backbone)."""
 
   example_keys = EXAMPLE_KEYS
+  data_stage = 'diffusion'
   with_control = True
 
   def __init__(self, config: Any, examples: Any = None):
@@ -56,12 +55,6 @@ class DiffusionTask(StageTask):
     self.alphas = jnp.asarray(training_alphas(config.diffusion))
     self.text_dropout = float(config.diffusion.text_dropout)
     self.prefix_frames = int(config.diffusion.prefix_frames)
-
-  def dataset(self) -> grain.MapDataset:
-    """The examples given, else `train.data_dir`: a shard store (`landiff-jax prepare dataset`) or `.npz` files."""
-    if self.examples is not None:
-      return super().dataset()
-    return shards.stage_source(self.config.train.data_dir, 'diffusion', self.example_keys)
 
   def example_shapes(self, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch of `batch` examples, as abstract arrays (for `landiff-jax plan`)."""
@@ -109,4 +102,5 @@ class BackboneTask(DiffusionTask):
   small renderer is made from scratch (the demo) before its control branch trains on top of it, frozen."""
 
   example_keys = ('latents', 'text')
+  data_stage = 'backbone'
   with_control = False

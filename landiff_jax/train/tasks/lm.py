@@ -11,12 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from landiff_jax.data import shards
 from landiff_jax.train.tasks.base import StageTask
 from landiff_jax.models import lm as lm_model
 from landiff_jax.sampling.lm import Layout
@@ -28,6 +26,7 @@ class LMTask(StageTask):
   """The `landiff_jax.train.Task` of the LM stage."""
 
   example_keys = EXAMPLE_KEYS
+  data_stage = 'lm'
 
   def __init__(self, config: Any, examples: Any = None):
     super().__init__(config, examples)
@@ -37,12 +36,6 @@ class LMTask(StageTask):
     self.layout = Layout.from_config(config)
     self.dropout = {'text': float(c.text_dropout), 'motion_score': float(c.motion_dropout),
                     'frames': float(c.frames_dropout)}
-
-  def dataset(self) -> grain.MapDataset:
-    """The examples given, else `train.data_dir`: a shard store (`landiff-jax prepare dataset`) or `.npz` files."""
-    if self.examples is not None:
-      return super().dataset()
-    return shards.stage_source(self.config.train.data_dir, 'lm', self.example_keys)
 
   def example_shapes(self, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch of `batch` one-group examples, text at its maximum length (for `landiff-jax plan`)."""

@@ -8,7 +8,8 @@ PyTorch library, whose EMA sums start as the centroids themselves, they start as
 EMA step does not shrink the codes). The codebook and its
 EMA statistics (`quantizer_ema`) are therefore frozen for the optimizer and updated in `update_frozen`.
 
-Examples (`train.data_dir`, one `.npz` each): `features` [T, 30, 45, 768] Theia features of a clip (a cache, so
+Examples (`train.data_dir`: a shard store of `landiff-jax prepare dataset`, or one `.npz` each): `features`
+[T, 30, 45, 768] Theia features of a clip (a cache, so
 the frozen ViT runs once per video).
 """
 
@@ -49,6 +50,7 @@ class TokenizerTask(StageTask):
   """The `landiff_jax.train.Task` of the tokenizer stage."""
 
   example_keys = ('features',)
+  data_stage = 'tokenizer'
 
   def __init__(self, config: Any, examples: Any = None):
     super().__init__(config, examples)
