@@ -20,11 +20,11 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from landiff_jax import __version__
+from landiff_jax import __version__, runtime
 
-FORMAT = 'landiff-jax-model'
+FORMAT = runtime.MODEL_FORMAT
 FORMAT_VERSION = 1
-CONFIG_FILE = 'config.json'
+CONFIG_FILE = runtime.MODEL_CONFIG_FILE
 PARAMS_DIR = 'params'
 
 # part name → 'module:function' that builds the linen module from its config section (imported lazily).
@@ -197,19 +197,7 @@ def _replace_directory(src: str, dst: str) -> None:
 
 
 def read_meta(path: str) -> dict[str, Any]:
-  config_path = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(config_path):
-    raise CheckpointError(f'{path} is not a landiff-jax model directory (no {CONFIG_FILE}); convert the official '
-                          'checkpoint first with `landiff-jax convert`.')
-  try:
-    with open(config_path) as f:
-      meta = json.load(f)
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f'{config_path} cannot be read ({_first_line(e)}); convert or export the model again.') from None
-  if not isinstance(meta, dict) or meta.get('format') != FORMAT:
-    found = meta.get('format') if isinstance(meta, dict) else None
-    raise CheckpointError(f'{config_path} is not a landiff-jax model config (format {found!r}); convert the model with '
-                          '`landiff-jax convert`.')
+  meta = runtime.read_model_meta(path, CheckpointError)
   if meta.get('format_version', 0) > FORMAT_VERSION:
     raise CheckpointError(f'{path} was written by a newer landiff-jax (format {meta["format_version"]}); upgrade.')
   return meta

@@ -131,8 +131,8 @@ def to_device(host: Any, shardings: Any) -> Any:
 PARTS = ('t5_lm', 't5_dit', 'lm', 'tokenizer', 'dit', 'vae')
 TEXT_TOKENIZERS = {'t5_lm': 't5_lm_tokenizer', 't5_dit': 't5_dit_tokenizer'}
 PIPELINE_CONFIG_FILE = 'landiff.json'
-MODEL_CONFIG_FILE = 'config.json'  # checkpoints.CONFIG_FILE
-MODEL_FORMAT = 'landiff-jax-model'  # checkpoints.FORMAT
+MODEL_CONFIG_FILE = 'config.json'
+MODEL_FORMAT = 'landiff-jax-model'
 
 
 class DirectoryError(ValueError):
@@ -157,22 +157,30 @@ def read_pipeline_config(directory: str):
                          '`landiff-jax convert all`.') from None
 
 
-def read_model_part(path: str) -> str:
-  """Which part a model directory holds, from its config.json; a missing or foreign file is one clear error."""
+def read_model_meta(path: str, error: type[ValueError] = DirectoryError) -> dict[str, Any]:
+  """The `config.json` of a model directory (part, config, format); a missing or foreign file is one `error`."""
   import json
 
   config_path = os.path.join(path, MODEL_CONFIG_FILE)
   if not os.path.isfile(config_path):
-    raise DirectoryError(f'{path} is not a landiff-jax model directory (no {MODEL_CONFIG_FILE}); convert the official '
-                         'checkpoint with `landiff-jax convert`.')
+    raise error(f'{path} is not a landiff-jax model directory (no {MODEL_CONFIG_FILE}); convert the official '
+                'checkpoint with `landiff-jax convert`.')
   try:
     with open(config_path) as f:
       meta = json.load(f)
   except (OSError, ValueError) as e:
-    raise DirectoryError(f'{config_path} cannot be read ({" ".join(str(e).split())}); convert the model again.') from None
+    raise error(f'{config_path} cannot be read ({" ".join(str(e).split())}); convert or export the model '
+                'again.') from None
   if not isinstance(meta, dict) or meta.get('format') != MODEL_FORMAT or 'part' not in meta:
-    raise DirectoryError(f'{config_path} is not a landiff-jax model config; convert the model with '
-                         '`landiff-jax convert`.')
+    found = meta.get('format') if isinstance(meta, dict) else None
+    raise error(f'{config_path} is not a landiff-jax model config (format {found!r}); convert the model with '
+                '`landiff-jax convert`.')
+  return meta
+
+
+def read_model_part(path: str) -> str:
+  """Which part a model directory holds, from its config.json; a missing or foreign file is one clear error."""
+  meta = read_model_meta(path)
   if not os.path.isdir(os.path.join(path, 'params')):
     raise DirectoryError(f'{path} has no params/ directory; the conversion did not finish. Convert it again.')
   return meta['part']

@@ -85,6 +85,12 @@ def ordered(found: list[dict], only: str) -> list[dict]:
   return sorted(found, key=lambda step: rank.get(step['name'], len(names)))
 
 
+def in_declared_order(summary: dict, declared: list[str]) -> dict:
+  """The summary with its steps listed in the script's order, whatever order --only ran them in."""
+  rank = {name: i for i, name in enumerate(declared)}
+  return dict(summary, steps=dict(sorted(summary['steps'].items(), key=lambda item: rank.get(item[0], len(rank)))))
+
+
 def headline(value, depth: int = 0):
   """The step's figures worth a glance: leaves under HEADLINE_KEYS (a dict under such a key whole, e.g. generate's
   seconds per stage), nested as found."""
@@ -224,6 +230,7 @@ def main(argv=None) -> int:
   raw: dict = {}
   try:
     with open(os.path.join(out, 'gpu_check.log'), 'a') as log:
+      declared = [step['name'] for step in steps(args.tiny)]
       for step in ordered(steps(args.tiny), args.only):
         name = step['name']
         left = deadline - time.monotonic()
@@ -241,7 +248,8 @@ def main(argv=None) -> int:
         print(f"gpu_check: {name}: {entry['status']}{seconds}{': ' + entry['reason'] if 'reason' in entry else ''}",
               flush=True)
         write_json(os.path.join(out, 'raw.json'), raw)
-        write_json(os.path.join(out, 'summary.json'), summary)
+        write_json(os.path.join(out, 'summary.json'), in_declared_order(summary, declared))
+    summary = in_declared_order(summary, declared)
     summary['finished'] = f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%M:%SZ}'
     summary['all_ok'] = all(s['status'] in ('ok', 'skipped') for s in summary['steps'].values())
     write_json(os.path.join(out, 'summary.json'), summary)
