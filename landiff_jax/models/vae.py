@@ -24,6 +24,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from landiff_jax.nn.layers import GroupNorm
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -219,34 +220,6 @@ class FrameConv2d(nn.Module):
     return conv
 
 
-class ChunkGroupNorm(nn.Module):
-  """GroupNorm (`landiff_jax.nn.GroupNorm`'s parameters and numerics) whose statistics are taken over the whole
-  chunk `x` when called; returns the normalisation, to apply to any of the chunk's frames."""
-  num_groups: int
-  eps: float = 1e-6
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Callable[[Array], Array]:
-    channels = x.shape[-1]
-    if channels % self.num_groups:
-      raise ValueError(f'GroupNorm {self.name!r}: {channels} channels are not divisible into {self.num_groups} groups.')
-    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones_init(), ('norm',)), (channels,),
-                       jnp.float32)
-    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('norm',)), (channels,),
-                      jnp.float32)
-    grouped_shape = (x.shape[0], -1, self.num_groups, channels // self.num_groups)
-    grouped = x.astype(jnp.float32).reshape(grouped_shape)
-    mean = grouped.mean(axis=(1, 3), keepdims=True)
-    inv_std = lax.rsqrt(jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True) + self.eps)
-
-    def normalize(frames):
-      normed = ((frames.astype(jnp.float32).reshape(grouped_shape) - mean) * inv_std).reshape(frames.shape)
-      return (normed * scale + bias).astype(self.dtype)
-
-    return normalize
-
-
 class SpatialNorm3D(nn.Module):
   """GroupNorm(f) · conv_y(z') + conv_b(z'), z' the latent chunk resized to f (no "1 +"); returns it as an
   Activation of f's frames.
@@ -265,7 +238,7 @@ class SpatialNorm3D(nn.Module):
     conv = functools.partial(PointwiseConv, self.features, dtype=self.dtype, precision=self.precision)
     gain = conv(name='conv_y')(z.shape[-1])(z)
     shift = conv(name='conv_b')(z.shape[-1])(z)
-    normalize = ChunkGroupNorm(self.num_groups, self.eps, dtype=self.dtype, name='norm_layer')(f)
+    normalize = GroupNorm(self.num_groups, self.eps, dtype=self.dtype, name='norm_layer').normalizer(f)
     sources = jnp.asarray(latent_frame_sources(z.shape[1], f.shape[1]))
     height, width = f.shape[2:4]
 
@@ -297,7 +270,7 @@ class ResnetBlock3D(nn.Module):
     if self.spatial_norm:
       return SpatialNorm3D(x.shape[-1], self.num_groups, self.eps, dtype=self.dtype, precision=self.precision,
                            name=name)(x, z)
-    normalize = ChunkGroupNorm(self.num_groups, self.eps, dtype=self.dtype, name=name)(x)
+    normalize = GroupNorm(self.num_groups, self.eps, dtype=self.dtype, name=name).normalizer(x)
     return lambda frames, index: normalize(frames)
 
   @nn.compact
@@ -396,7 +369,7 @@ class Encoder3D(nn.Module):
       h, new['mid_block'][f'resnets_{j}'] = ResnetBlock3D(self.block_channels[-1], self.num_groups, self.eps, **tiled,
                                                           name=f'mid_block_resnets_{j}')(
                                                               h, None, mid_cache.get(f'resnets_{j}'))
-    normalize = ChunkGroupNorm(self.num_groups, self.eps, dtype=self.dtype, name='norm_out')(h)
+    normalize = GroupNorm(self.num_groups, self.eps, dtype=self.dtype, name='norm_out').normalizer(h)
     h, new['conv_out'] = CausalConv3d(2 * self.latent_channels, **tiled, name='conv_out')(
         h, lambda frames, index: nn.silu(normalize(frames)), cache.get('conv_out'))
     return h, new

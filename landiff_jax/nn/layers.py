@@ -148,8 +148,13 @@ class GroupNorm(nn.Module):
   eps: float = 1e-6
   dtype: Dtype = jnp.float32
 
-  @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    return self.normalizer(x)(x)
+
+  @nn.compact
+  def normalizer(self, x: jax.Array) -> Callable[[jax.Array], jax.Array]:
+    """The normalisation with `x`'s statistics, to apply to `x` or to any part of it along its non-batch axes (the
+    VAE applies a whole chunk's statistics one frame tile at a time)."""
     channels = x.shape[-1]
     if channels % self.num_groups:
       raise ValueError(f'GroupNorm {self.name!r}: {channels} channels are not divisible into {self.num_groups} groups.')
@@ -157,8 +162,13 @@ class GroupNorm(nn.Module):
                        jnp.float32)
     bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('norm',)), (channels,),
                       jnp.float32)
-    grouped = x.astype(jnp.float32).reshape(x.shape[0], -1, self.num_groups, channels // self.num_groups)
+    grouped_shape = (x.shape[0], -1, self.num_groups, channels // self.num_groups)
+    grouped = x.astype(jnp.float32).reshape(grouped_shape)
     mean = grouped.mean(axis=(1, 3), keepdims=True)
-    var = jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
-    normed = ((grouped - mean) * lax.rsqrt(var + self.eps)).reshape(x.shape)
-    return (normed * scale + bias).astype(self.dtype)
+    inv_std = lax.rsqrt(jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True) + self.eps)
+
+    def normalize(part: jax.Array) -> jax.Array:
+      normed = ((part.astype(jnp.float32).reshape(grouped_shape) - mean) * inv_std).reshape(part.shape)
+      return (normed * scale + bias).astype(self.dtype)
+
+    return normalize
