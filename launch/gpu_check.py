@@ -34,6 +34,7 @@ HEADLINE_KEYS = ('median_s', 'tflop', 'positions', 'per_token_ms', 'total_s', 'p
 
 ENVIRONMENT_PROBE = """
 import json, platform, jax
+import landiff_jax.config  # the package and what it needs (ml_collections), as every step imports them
 found = dict(jax=jax.__version__, backend=jax.default_backend(), devices=[d.device_kind for d in jax.devices()],
              python=platform.python_version())
 try:
@@ -82,7 +83,20 @@ def ordered(found: list[dict], only: str) -> list[dict]:
   others follow, to be reported as skipped."""
   names = [name for name in only.split(',') if name]
   rank = {name: i for i, name in enumerate(names)}
+  rank['environment'] = -1  # always first: the other steps are run only where it finds what they need
   return sorted(found, key=lambda step: rank.get(step['name'], len(names)))
+
+
+def unusable_environment(entry: dict, found: dict | None, tiny: bool) -> str | None:
+  """Why no benchmark can run here (said once, instead of every step failing alike), or None."""
+  if entry['status'] != 'ok' or not found:
+    return (f"{PYTHON} cannot import the package here ({entry.get('reason', 'no probe output')}); run "
+            '`bash launch/setup.sh` first, or set PYTHON to an interpreter that has jax and ml_collections '
+            '(on a GPU machine without them, put their wheels in .whl/).')
+  if not tiny and found.get('backend') != 'gpu':
+    return (f"no GPU here (JAX's backend is {found.get('backend')!r}): the release-size benchmarks need one. "
+            '`bash launch/gpu_check.sh --tiny` checks the script itself on a CPU.')
+  return None
 
 
 def in_declared_order(summary: dict, declared: list[str]) -> dict:
@@ -231,18 +245,23 @@ def main(argv=None) -> int:
   try:
     with open(os.path.join(out, 'gpu_check.log'), 'a') as log:
       declared = [step['name'] for step in steps(args.tiny)]
+      stop = None
       for step in ordered(steps(args.tiny), args.only):
         name = step['name']
         left = deadline - time.monotonic()
-        if 'skip' in step:
+        if stop:
+          summary['steps'][name] = dict(status='skipped', reason=stop)
+        elif 'skip' in step:
           summary['steps'][name] = dict(status='skipped', reason=step['skip'])
-        elif only and name not in only:
+        elif only and name not in only and name != 'environment':
           summary['steps'][name] = dict(status='skipped', reason='not selected (--only)')
         elif left < step['least']:
           summary['steps'][name] = dict(status='skipped', reason=f'{left:.0f} s of the {budget:.0f} s budget left, '
                                         f"it needs at least {step['least']} s")
         else:
           summary['steps'][name], raw[name] = run_step(step, min(step['budget'], left), work, log)
+          if name == 'environment':
+            stop = unusable_environment(summary['steps'][name], raw[name], args.tiny)
         entry = summary['steps'][name]
         seconds = f" ({entry['seconds']} s)" if 'seconds' in entry else ''
         print(f"gpu_check: {name}: {entry['status']}{seconds}{': ' + entry['reason'] if 'reason' in entry else ''}",
@@ -258,6 +277,9 @@ def main(argv=None) -> int:
   finally:
     shutil.rmtree(work, ignore_errors=True)
   print(f'gpu_check: wrote {out}/summary.json, raw.json, tables.md, gpu_check.log', flush=True)
+  if stop:
+    print(f'gpu_check: error: {stop}', file=sys.stderr)
+    return 2
   return 0
 
 

@@ -11,8 +11,12 @@
 # array_record, portpicker, diffusers) come as wheels in .whl/ (see ../shared/reference/environment.md §6).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3}"
-if compgen -G ".whl/*.whl" > /dev/null; then
+# the checkout's environment (launch/setup.sh) where there is one, else the machine's python3 (the GPU machine)
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+# wheels of what the interpreter lacks (the GPU machine has no ml_collections, grain, ...), only where it lacks them
+if compgen -G ".whl/*.whl" > /dev/null && ! "$PYTHON" -c 'import ml_collections, grain' 2> /dev/null; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     || echo "gpu_check: installing .whl/ failed; continuing with what is installed" >&2
   export PYTHONPATH="/tmp/site:$PWD"

@@ -57,3 +57,23 @@ def test_a_step_past_its_limit_is_ended_and_reported(tmp_path, gpu_check):
   with open(tmp_path / 'log', 'a') as log:
     entry, _ = gpu_check.run_step(failing, 20, str(tmp_path), log)
   assert entry['status'] == 'failed' and 'no GPU here' in entry['reason']
+
+
+@pytest.mark.parametrize('bare, message', [
+    (False, "no GPU here (JAX's backend is 'cpu')"),  # the release-size run on a CPU
+    (True, 'cannot import the package here'),  # an interpreter without jax (the standard library alone)
+])
+def test_a_machine_that_cannot_run_the_benchmarks_is_said_once(tmp_path, bare, message):
+  python = sys.executable
+  if bare:
+    python = str(tmp_path / 'bare-python')
+    with open(python, 'w') as f:
+      f.write(f'#!/bin/sh\nexec {sys.executable} -I -S "$@"\n')
+    os.chmod(python, 0o755)
+  env = dict(os.environ, PYTHON=python, JAX_PLATFORMS='cpu')
+  done = subprocess.run(['bash', 'launch/gpu_check.sh', '--out', str(tmp_path)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2 and message in done.stderr.strip().splitlines()[-1]
+  summary = json.loads((tmp_path / 'summary.json').read_text())
+  others = {name: entry for name, entry in summary['steps'].items() if name != 'environment'}
+  assert others and all(entry['status'] == 'skipped' and message in entry['reason'] for entry in others.values())
