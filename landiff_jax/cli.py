@@ -449,7 +449,7 @@ def cmd_generate(args, config) -> int:
 
   from landiff_jax import runtime
 
-  try:  # every option, file and output checked before JAX is imported or a model loads
+  try:  # every option, file and output is checked before JAX is imported or a model loads
     check_sampling_options(args)
     prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
     if not prompts[0] or not prompts[0].strip():
@@ -457,10 +457,6 @@ def cmd_generate(args, config) -> int:
     args.out = default_out(args)
     paths = output_paths(args, len(prompts))
     ckpt, pipe_config = prepare_pipeline_config(args, config)
-  except (ValueError, FileNotFoundError, config_lib.ConfigError) as e:
-    print(f'landiff-jax: error: {e}', file=sys.stderr)
-    return 1
-  try:
     start_runtime(args, pipe_config)
     import numpy as np
 
@@ -507,10 +503,6 @@ def cmd_eval(args, config) -> int:
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
       raise OptionError(f'the folder of --out {args.out} does not exist; create it first.')
     ckpt, pipe_config = prepare_pipeline_config(args, config)
-  except (ValueError, FileNotFoundError, config_lib.ConfigError) as e:
-    print(f'landiff-jax: error: {e}', file=sys.stderr)
-    return 1
-  try:
     start_runtime(args, pipe_config)
     from landiff_jax import pipeline
     pipe = pipeline.load(ckpt, config=pipe_config)
