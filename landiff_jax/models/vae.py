@@ -25,12 +25,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from landiff_jax.nn.layers import GroupNorm
+from landiff_jax.nn.stack import REMAT_POLICIES
 
 Array = jax.Array
 Cache = dict[str, Any]
 
 CONV_KERNEL_AXES_3D = (None, None, None, 'conv_in', 'conv_out')
 CONV_KERNEL_AXES_2D = (None, None, 'conv_in', 'conv_out')
+
+
+def _checkpoint_policy(remat_policy: str) -> Any:
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(f'remat_policy {remat_policy!r} is not one of {REMAT_POLICIES}.')
+  return getattr(jax.checkpoint_policies, remat_policy)
+
+
 # PyTorch's default convolution initialisation: uniform(±1/sqrt(fan_in)).
 torch_default_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
 
@@ -288,6 +297,13 @@ class ResnetBlock3D(nn.Module):
     return h, {'conv1': cache1, 'conv2': cache2}
 
 
+def resnet_block(remat_policy: str) -> type[ResnetBlock3D]:
+  """ResnetBlock3D, rematerialised under `remat_policy` (a `jax.checkpoint_policies` name) unless 'none'."""
+  if remat_policy == 'none':
+    return ResnetBlock3D
+  return nn.remat(ResnetBlock3D, policy=_checkpoint_policy(remat_policy))
+
+
 class Upsample3D(nn.Module):
   """Nearest ×2 (in time too when `compress_time`, frame 0 kept single when T is odd), then a per-frame 3×3 conv;
   in frame tiles."""
@@ -345,6 +361,7 @@ class Encoder3D(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = None
   tile_bytes: int = DEFAULT_TILE_BYTES
+  remat_policy: str = 'none'
 
   @nn.compact
   def __call__(self, x: Array, cache: Cache | None = None) -> tuple[Array, Cache]:
@@ -357,7 +374,7 @@ class Encoder3D(nn.Module):
       block_cache = cache.get(f'down_blocks_{i}', {})
       new_block: Cache = {}
       for j in range(self.num_res_blocks):
-        h, new_block[f'resnets_{j}'] = ResnetBlock3D(channels, self.num_groups, self.eps, **tiled,
+        h, new_block[f'resnets_{j}'] = resnet_block(self.remat_policy)(channels, self.num_groups, self.eps, **tiled,
                                                      name=f'down_blocks_{i}_resnets_{j}')(
                                                          h, None, block_cache.get(f'resnets_{j}'))
       if i < len(self.block_channels) - 1:
@@ -366,7 +383,8 @@ class Encoder3D(nn.Module):
     mid_cache = cache.get('mid_block', {})
     new['mid_block'] = {}
     for j in range(2):
-      h, new['mid_block'][f'resnets_{j}'] = ResnetBlock3D(self.block_channels[-1], self.num_groups, self.eps, **tiled,
+      h, new['mid_block'][f'resnets_{j}'] = resnet_block(self.remat_policy)(self.block_channels[-1], self.num_groups,
+                                                                            self.eps, **tiled,
                                                           name=f'mid_block_resnets_{j}')(
                                                               h, None, mid_cache.get(f'resnets_{j}'))
     normalize = GroupNorm(self.num_groups, self.eps, dtype=self.dtype, name='norm_out').normalizer(h)
@@ -386,6 +404,7 @@ class Decoder3D(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = None
   tile_bytes: int = DEFAULT_TILE_BYTES
+  remat_policy: str = 'none'
 
   @nn.compact
   def __call__(self, z: Array, cache: Cache | None = None) -> tuple[Array, Cache]:
@@ -393,7 +412,7 @@ class Decoder3D(nn.Module):
     new: Cache = {}
     common = dict(dtype=self.dtype, precision=self.precision, tile_bytes=self.tile_bytes)
     widths = tuple(reversed(self.block_channels))
-    resnet = functools.partial(ResnetBlock3D, num_groups=self.num_groups, eps=self.eps, spatial_norm=True, **common)
+    resnet = functools.partial(resnet_block(self.remat_policy), num_groups=self.num_groups, eps=self.eps, spatial_norm=True, **common)
     h, new['conv_in'] = CausalConv3d(widths[0], **common, name='conv_in')(z, cache=cache.get('conv_in'))
     mid_cache = cache.get('mid_block', {})
     new['mid_block'] = {}
@@ -433,6 +452,8 @@ class CogVideoXVAE(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = None
   tile_bytes: int = DEFAULT_TILE_BYTES
+  # training: each chunk and each ResnetBlock3D rematerialised under this jax.checkpoint_policies name
+  remat_policy: str = 'none'
 
   @property
   def spatial_compression(self) -> int:
@@ -443,7 +464,7 @@ class CogVideoXVAE(nn.Module):
     levels = int(np.log2(self.temporal_compression))
     common = dict(block_channels=block_channels, num_res_blocks=self.num_res_blocks, num_groups=self.num_groups,
                   eps=self.norm_eps, temporal_compress_levels=levels, dtype=self.dtype, precision=self.precision,
-                  tile_bytes=self.tile_bytes)
+                  tile_bytes=self.tile_bytes, remat_policy=self.remat_policy)
     if self.with_encoder:
       self.encoder = Encoder3D(self.latent_channels, **common)
     self.decoder = Decoder3D(self.in_channels, **common)
@@ -468,7 +489,7 @@ class CogVideoXVAE(nn.Module):
 
 
 def build_vae(config: Any, *, dtype: Any = jnp.float32, with_encoder: bool | None = None,
-              precision: Any = None) -> CogVideoXVAE:
+              precision: Any = None, remat_policy: str = 'none') -> CogVideoXVAE:
   """The VAE of a config section (`configs/landiff_official.py: vae_config`)."""
   if with_encoder is None:
     with_encoder = bool(config.get('with_encoder', True))
@@ -478,7 +499,7 @@ def build_vae(config: Any, *, dtype: Any = jnp.float32, with_encoder: bool | Non
       num_groups=int(config.num_groups), norm_eps=float(config.norm_eps),
       temporal_compression=int(config.temporal_compression), scaling_factor=float(config.scaling_factor),
       decode_chunk_frames=int(config.decode_chunk_frames), encode_chunk_frames=int(config.encode_chunk_frames),
-      with_encoder=with_encoder, dtype=jnp.dtype(dtype), precision=precision)
+      with_encoder=with_encoder, dtype=jnp.dtype(dtype), precision=precision, remat_policy=remat_policy)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -505,8 +526,11 @@ def decoded_frames(num_latent_frames: int, temporal_compression: int = 4, chunk_
   return first_out + temporal_compression * (num_latent_frames - first)
 
 
-def _run_chunks(apply_chunk, x: Array, chunk_frames: int) -> Array:
-  """Runs `apply_chunk(chunk, cache) -> (out, cache)` over the release's chunks along axis 1; concatenates outputs."""
+def _run_chunks(apply_chunk, x: Array, chunk_frames: int, remat_policy: str = 'none') -> Array:
+  """Runs `apply_chunk(chunk, cache) -> (out, cache)` over the release's chunks along axis 1; concatenates outputs.
+  With a `remat_policy`, the backward pass keeps each chunk's input and caches only and recomputes the rest."""
+  if remat_policy != 'none':
+    apply_chunk = jax.checkpoint(apply_chunk, policy=_checkpoint_policy(remat_policy))
   spans = latent_chunks(x.shape[1], chunk_frames)
   first_stop = spans[0][1]
   out, cache = apply_chunk(x[:, :first_stop], None)
@@ -562,7 +586,8 @@ def _decode(model: CogVideoXVAE, params: Any, latents: Array) -> Array:
   def apply_chunk(chunk, cache):
     return model.apply(params, chunk, cache, method=CogVideoXVAE.decode_chunk)
 
-  return _run_chunks(apply_chunk, z.astype(model.dtype), model.decode_chunk_frames).astype(jnp.float32)
+  return _run_chunks(apply_chunk, z.astype(model.dtype), model.decode_chunk_frames,
+                     model.remat_policy).astype(jnp.float32)
 
 
 def decode(model: CogVideoXVAE, params: Any, latents: Array) -> Array:
@@ -590,7 +615,8 @@ def _encode_moments(model: CogVideoXVAE, params: Any, video: Array) -> Array:
   def apply_chunk(chunk, cache):
     return model.apply(params, chunk, cache, method=CogVideoXVAE.encode_chunk)
 
-  return _run_chunks(apply_chunk, video.astype(model.dtype), model.encode_chunk_frames).astype(jnp.float32)
+  return _run_chunks(apply_chunk, video.astype(model.dtype), model.encode_chunk_frames,
+                     model.remat_policy).astype(jnp.float32)
 
 
 def encode_moments(model: CogVideoXVAE, params: Any, video: Array) -> tuple[Array, Array]:
