@@ -10,6 +10,8 @@ Stored bytes are exact. Temporaries compiled on CPU stand for the GPU's, as an u
 matmuls by converting their operands to float32 (a float32 copy of the weights, which a GPU never makes), so the
 stages are compiled in float32 throughout (every activation at least as large as in bf16, no weight copies), and
 attention runs a memory-efficient backend ('blockwise' when registered) where the GPU runs cuDNN's flash kernel.
+The VAE is compiled with the GPU's temporal convolutions (`conv3d='native'`), not with the sums of 2D convolutions
+that only the CPU runs (their time taps that read just the causal cache are scheduled early on CPU and held).
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def stage_programs(config: Any, backend: str) -> dict[str, tuple[tuple[str, ...]
         jax.eval_shape(lambda: jax.random.key(0)), None, None)
 
   def frames():
-    model = models['vae']
+    model = models['vae'].clone(conv3d='native')
     shape = (1, c.latent_frames, c.latent_height, c.latent_width, c.in_channels)
     return vae_model._decode.lower(model, params['vae'], sds(shape, f32))  # pylint: disable=protected-access
 

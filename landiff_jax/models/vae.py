@@ -15,6 +15,7 @@ once do not grow with the video's length. Within a chunk, the convolutions run a
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import dataclasses
 import functools
 from typing import Any
 
@@ -24,7 +25,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from landiff_jax.nn.layers import GroupNorm
+from landiff_jax.nn.layers import GroupNorm, group_moments, merge_group_moments, moments_statistics
 from landiff_jax.nn.stack import REMAT_POLICIES
 
 Array = jax.Array
@@ -78,9 +79,12 @@ def nearest_resize(x: Array, size: Sequence[int]) -> Array:
 # Frame tiles
 #
 # GroupNorm statistics span a whole chunk, so a layer's input and output are whole-chunk tensors. Everything in
-# between (the normalised and activated input, its causal time padding, the upsampled copy) is computed a few output
-# frames at a time, which keeps it to one tile's worth at the release's 480×720. Every output frame is computed from
-# the same values in the same order as without tiles.
+# between (the normalised and activated input, its causal time padding) is computed a few output frames at a time,
+# which keeps it to one tile's worth at the release's 480×720. Every output frame is computed from the same values in
+# the same order as without tiles. The decoder's upsampled feature maps, the largest tensors of the decode (256
+# channels at 480×720 before the last level), are never held whole where the next block narrows them: they are
+# `LazyFrames`, computed tile by tile for each pass that reads them (GroupNorm moments together with the narrower
+# shortcut, then the first convolution).
 
 Activation = Callable[[Array, Array], Array]  # (frames [B, n, H, W, C], their indices in the chunk [n]) → activated
 DEFAULT_TILE_BYTES = 2**28
@@ -109,6 +113,45 @@ def scan_frame_tiles(tile_fn: Callable[[Any, int, Any], tuple[Array, Any]], stat
   return lax.fori_loop(1, num_frames // tile, step, (out, state))
 
 
+@dataclasses.dataclass(frozen=True)
+class LazyFrames:
+  """A chunk's feature map that is never held whole: `read(start, count)` computes frames [start, start + count)
+  (start may be traced, count is static); computing one frame takes about `frame_bytes` of temporaries."""
+  shape: tuple[int, ...]
+  dtype: Any
+  read: Callable[[Any, int], Array]
+  frame_bytes: int
+
+
+Frames = Array | LazyFrames
+
+
+def read_frames(x: Frames, start: Any, count: int) -> Array:
+  if isinstance(x, LazyFrames):
+    return x.read(start, count)
+  return lax.dynamic_slice_in_dim(x, start, count, axis=1)
+
+
+def frame_bytes(x: Frames, features: int, dtype: Any) -> int:
+  """Bytes of one frame of a layer reading `x` and writing `features` channels in `dtype` (sizes its tiles)."""
+  _, _, h, w, c = x.shape
+  own = h * w * max(c, features) * jnp.dtype(dtype).itemsize
+  return max(own, x.frame_bytes) if isinstance(x, LazyFrames) else own
+
+
+def map_frames_with_moments(x: LazyFrames, fn: Callable[[Array], Array], num_groups: int,
+                            tile_bytes: int) -> tuple[Array, tuple[Array, Array]]:
+  """One pass over `x`'s frames in tiles: fn of every frame (held whole), and x's GroupNorm statistics."""
+
+  def tile(start, count, moments):
+    frames = x.read(start, count)
+    return fn(frames), merge_group_moments(moments, group_moments(frames, num_groups))
+
+  num_frames = x.shape[1]
+  out, moments = scan_frame_tiles(tile, None, num_frames, tile_frames(num_frames, x.frame_bytes, tile_bytes))
+  return out, moments_statistics(moments)
+
+
 def latent_frame_sources(latent_frames: int, frames: int) -> np.ndarray:
   """The latent frame each of a feature map's frames is conditioned on (frame 0 on its own when T is odd and > 1)."""
   if frames > 1 and frames % 2 == 1:
@@ -132,9 +175,15 @@ def upsampled_frame_sources(frames: int, compress_time: bool) -> np.ndarray:
 # Flax modules cannot be called inside the tiles' loop, their parameters can.
 
 
-def _conv3d_valid(x: Array, kernel: Array, precision: Any) -> Array:
-  """Valid in time, same in space."""
-  if jax.default_backend() == 'cpu':
+CONV3D_MODES = ('auto', 'native', 'taps')
+
+
+def _conv3d_valid(x: Array, kernel: Array, precision: Any, mode: str = 'auto') -> Array:
+  """Valid in time, same in space. `mode` 'native' is one 3D convolution (what GPUs and TPUs run), 'taps' the sum
+  of 2D convolutions below, 'auto' taps on CPU only."""
+  if mode not in CONV3D_MODES:
+    raise ValueError(f'conv3d {mode!r} is not one of {CONV3D_MODES}.')
+  if mode == 'taps' or (mode == 'auto' and jax.default_backend() == 'cpu'):
     return _conv3d_as_conv2d(x, kernel, precision)
   pad = kernel.shape[1] // 2
   return lax.conv_general_dilated(x, kernel, window_strides=(1, 1, 1), padding=((0, 0), (pad, pad), (pad, pad)),
@@ -159,16 +208,17 @@ def _conv3d_as_conv2d(x: Array, kernel: Array, precision: Any) -> Array:
 
 class CausalConv3d(nn.Module):
   """Conv3d of act(x) with k−1 frames of causal front padding (first-frame copies, or the previous chunk's cache),
-  computed in frame tiles; `residual(start, count)` is added to each tile of the output."""
+  computed in frame tiles; a `residual` (shaped like the output) is added."""
   features: int
   kernel_size: int = 3
   dtype: Any = jnp.float32
   precision: Any = None
   tile_bytes: int = DEFAULT_TILE_BYTES
+  conv3d: str = 'auto'
 
   @nn.compact
-  def __call__(self, x: Array, act: Activation | None = None, cache: Array | None = None,
-               residual: Callable[[Any, int], Array] | None = None) -> tuple[Array, Array]:
+  def __call__(self, x: Frames, act: Activation | None = None, cache: Array | None = None,
+               residual: Array | None = None) -> tuple[Array, Array]:
     k = self.kernel_size
     kernel = self.param('kernel', nn.with_logical_partitioning(torch_default_init, CONV_KERNEL_AXES_3D),
                         (k, k, k, x.shape[-1], self.features), jnp.float32).astype(self.dtype)
@@ -176,17 +226,19 @@ class CausalConv3d(nn.Module):
     act = act or (lambda frames, index: frames)
     activated = lambda frames, index: act(frames, index).astype(self.dtype)
     if cache is None:
-      cache = jnp.repeat(activated(x[:, :1], jnp.zeros(1, jnp.int32)), k - 1, axis=1)
+      cache = jnp.repeat(activated(read_frames(x, 0, 1), jnp.zeros(1, jnp.int32)), k - 1, axis=1)
     cache = cache.astype(self.dtype)
 
     def tile(start, count, cache):  # a chunk's tiles carry the causal cache from one to the next, like chunks do
-      frames = activated(lax.dynamic_slice_in_dim(x, start, count, axis=1), start + jnp.arange(count))
+      frames = activated(read_frames(x, start, count), start + jnp.arange(count))
       window = jnp.concatenate([cache, frames], axis=1)
-      y = _conv3d_valid(window, kernel, self.precision) + bias
-      return (y if residual is None else y + residual(start, count)), window[:, -(k - 1):]
+      y = _conv3d_valid(window, kernel, self.precision, self.conv3d) + bias
+      if residual is not None:
+        y = y + lax.dynamic_slice_in_dim(residual, start, count, axis=1)
+      return y, window[:, -(k - 1):]
 
-    _, t, h, w, c = x.shape
-    frames = tile_frames(t, h * w * max(c, self.features) * jnp.dtype(self.dtype).itemsize, self.tile_bytes)
+    t = x.shape[1]
+    frames = tile_frames(t, frame_bytes(x, self.features, self.dtype), self.tile_bytes)
     return scan_frame_tiles(tile, cache, t, frames)
 
 
@@ -243,11 +295,11 @@ class SpatialNorm3D(nn.Module):
   precision: Any = None
 
   @nn.compact
-  def __call__(self, f: Array, z: Array) -> Activation:
+  def __call__(self, f: Frames, z: Array, statistics: Any = None) -> Activation:
     conv = functools.partial(PointwiseConv, self.features, dtype=self.dtype, precision=self.precision)
     gain = conv(name='conv_y')(z.shape[-1])(z)
     shift = conv(name='conv_b')(z.shape[-1])(z)
-    normalize = GroupNorm(self.num_groups, self.eps, dtype=self.dtype, name='norm_layer').normalizer(f)
+    normalize = GroupNorm(self.num_groups, self.eps, dtype=self.dtype, name='norm_layer').normalizer(f, statistics)
     sources = jnp.asarray(latent_frame_sources(z.shape[1], f.shape[1]))
     height, width = f.shape[2:4]
 
@@ -265,7 +317,8 @@ def silu_of(norm: Activation) -> Activation:
 class ResnetBlock3D(nn.Module):
   """norm → SiLU → causal conv, twice, plus a 1×1×1 shortcut when the width changes.
 
-  With `spatial_norm` (the decoder) the norms are SpatialNorm3D conditioned on the latent chunk `z`.
+  With `spatial_norm` (the decoder) the norms are SpatialNorm3D conditioned on the latent chunk `z`. The input may be
+  `LazyFrames`: one pass then computes its statistics and its shortcut, a second one the first convolution.
   """
   features: int
   num_groups: int
@@ -274,25 +327,32 @@ class ResnetBlock3D(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = None
   tile_bytes: int = DEFAULT_TILE_BYTES
+  conv3d: str = 'auto'
 
-  def norm(self, name: str, x: Array, z: Array | None) -> Activation:
+  def norm(self, name: str, x: Frames, z: Array | None, statistics: Any = None) -> Activation:
     if self.spatial_norm:
       return SpatialNorm3D(x.shape[-1], self.num_groups, self.eps, dtype=self.dtype, precision=self.precision,
-                           name=name)(x, z)
-    normalize = GroupNorm(self.num_groups, self.eps, dtype=self.dtype, name=name).normalizer(x)
+                           name=name)(x, z, statistics)
+    normalize = GroupNorm(self.num_groups, self.eps, dtype=self.dtype, name=name).normalizer(x, statistics)
     return lambda frames, index: normalize(frames)
 
   @nn.compact
-  def __call__(self, x: Array, z: Array | None, cache: Cache | None) -> tuple[Array, Cache]:
+  def __call__(self, x: Frames, z: Array | None, cache: Cache | None) -> tuple[Array, Cache]:
     cache = cache or {}
     conv = functools.partial(CausalConv3d, self.features, 3, dtype=self.dtype, precision=self.precision,
-                             tile_bytes=self.tile_bytes)
-    h, cache1 = conv(name='conv1')(x, silu_of(self.norm('norm1', x, z)), cache.get('conv1'))
+                             tile_bytes=self.tile_bytes, conv3d=self.conv3d)
     shortcut = lambda frames: frames.astype(self.dtype)
     if x.shape[-1] != self.features:
       shortcut = PointwiseConv(self.features, dtype=self.dtype, precision=self.precision,
                                name='conv_shortcut')(x.shape[-1])
-    residual = lambda start, count: shortcut(lax.dynamic_slice_in_dim(x, start, count, axis=1))
+    residual = statistics = None
+    if isinstance(x, LazyFrames):
+      residual, statistics = map_frames_with_moments(x, shortcut, self.num_groups, self.tile_bytes)
+      if x.shape[-1] == self.features:
+        x = residual  # an identity shortcut has just held every frame: read them instead of computing them again
+    h, cache1 = conv(name='conv1')(x, silu_of(self.norm('norm1', x, z, statistics)), cache.get('conv1'))
+    if residual is None:
+      residual = shortcut(x)
     h, cache2 = conv(name='conv2')(h, silu_of(self.norm('norm2', h, z)), cache.get('conv2'), residual)
     return h, {'conv1': cache1, 'conv2': cache2}
 
@@ -306,26 +366,29 @@ def resnet_block(remat_policy: str) -> type[ResnetBlock3D]:
 
 class Upsample3D(nn.Module):
   """Nearest ×2 (in time too when `compress_time`, frame 0 kept single when T is odd), then a per-frame 3×3 conv;
-  in frame tiles."""
+  in frame tiles, or as `LazyFrames` when `lazy`."""
   features: int
   compress_time: bool
   dtype: Any = jnp.float32
   precision: Any = None
   tile_bytes: int = DEFAULT_TILE_BYTES
+  lazy: bool = False
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    _, t, h, w, c = x.shape
+  def __call__(self, x: Array) -> Frames:
+    b, t, h, w, c = x.shape
     conv = FrameConv2d(self.features, dtype=self.dtype, precision=self.precision, name='conv')(c)
     sources = jnp.asarray(upsampled_frame_sources(t, self.compress_time))
 
-    def tile(start, count, state):
+    def read(start, count):
       frames = jnp.take(x, lax.dynamic_slice_in_dim(sources, start, count), axis=1)
-      return conv(nearest_resize(frames, (count, 2 * h, 2 * w))), state
+      return conv(nearest_resize(frames, (count, 2 * h, 2 * w)))
 
-    frame_bytes = 4 * h * w * max(c, self.features) * jnp.dtype(self.dtype).itemsize
-    frames = tile_frames(len(sources), frame_bytes, self.tile_bytes)
-    return scan_frame_tiles(tile, None, len(sources), frames)[0]
+    one_frame = 4 * h * w * max(c, self.features) * jnp.dtype(self.dtype).itemsize
+    if self.lazy:
+      return LazyFrames((b, len(sources), 2 * h, 2 * w, self.features), jnp.dtype(self.dtype), read, one_frame)
+    frames = tile_frames(len(sources), one_frame, self.tile_bytes)
+    return scan_frame_tiles(lambda start, count, state: (read(start, count), state), None, len(sources), frames)[0]
 
 
 class Downsample3D(nn.Module):
@@ -361,6 +424,7 @@ class Encoder3D(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = None
   tile_bytes: int = DEFAULT_TILE_BYTES
+  conv3d: str = 'auto'
   remat_policy: str = 'none'
 
   @nn.compact
@@ -368,25 +432,23 @@ class Encoder3D(nn.Module):
     cache = cache or {}
     new: Cache = {}
     common = dict(dtype=self.dtype, precision=self.precision)
-    tiled = dict(common, tile_bytes=self.tile_bytes)
+    tiled = dict(common, tile_bytes=self.tile_bytes, conv3d=self.conv3d)
+    resnet = functools.partial(resnet_block(self.remat_policy), num_groups=self.num_groups, eps=self.eps, **tiled)
     h, new['conv_in'] = CausalConv3d(self.block_channels[0], **tiled, name='conv_in')(x, cache=cache.get('conv_in'))
     for i, channels in enumerate(self.block_channels):
       block_cache = cache.get(f'down_blocks_{i}', {})
       new_block: Cache = {}
       for j in range(self.num_res_blocks):
-        h, new_block[f'resnets_{j}'] = resnet_block(self.remat_policy)(channels, self.num_groups, self.eps, **tiled,
-                                                     name=f'down_blocks_{i}_resnets_{j}')(
-                                                         h, None, block_cache.get(f'resnets_{j}'))
+        h, new_block[f'resnets_{j}'] = resnet(channels, name=f'down_blocks_{i}_resnets_{j}')(
+            h, None, block_cache.get(f'resnets_{j}'))
       if i < len(self.block_channels) - 1:
         h = Downsample3D(channels, i < self.temporal_compress_levels, **common, name=f'down_blocks_{i}_downsampler')(h)
       new[f'down_blocks_{i}'] = new_block
     mid_cache = cache.get('mid_block', {})
     new['mid_block'] = {}
     for j in range(2):
-      h, new['mid_block'][f'resnets_{j}'] = resnet_block(self.remat_policy)(self.block_channels[-1], self.num_groups,
-                                                                            self.eps, **tiled,
-                                                          name=f'mid_block_resnets_{j}')(
-                                                              h, None, mid_cache.get(f'resnets_{j}'))
+      h, new['mid_block'][f'resnets_{j}'] = resnet(self.block_channels[-1], name=f'mid_block_resnets_{j}')(
+          h, None, mid_cache.get(f'resnets_{j}'))
     normalize = GroupNorm(self.num_groups, self.eps, dtype=self.dtype, name='norm_out').normalizer(h)
     h, new['conv_out'] = CausalConv3d(2 * self.latent_channels, **tiled, name='conv_out')(
         h, lambda frames, index: nn.silu(normalize(frames)), cache.get('conv_out'))
@@ -404,6 +466,7 @@ class Decoder3D(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = None
   tile_bytes: int = DEFAULT_TILE_BYTES
+  conv3d: str = 'auto'
   remat_policy: str = 'none'
 
   @nn.compact
@@ -411,9 +474,11 @@ class Decoder3D(nn.Module):
     cache = cache or {}
     new: Cache = {}
     common = dict(dtype=self.dtype, precision=self.precision, tile_bytes=self.tile_bytes)
+    convs = dict(common, conv3d=self.conv3d)
     widths = tuple(reversed(self.block_channels))
-    resnet = functools.partial(resnet_block(self.remat_policy), num_groups=self.num_groups, eps=self.eps, spatial_norm=True, **common)
-    h, new['conv_in'] = CausalConv3d(widths[0], **common, name='conv_in')(z, cache=cache.get('conv_in'))
+    resnet = functools.partial(resnet_block(self.remat_policy), num_groups=self.num_groups, eps=self.eps,
+                               spatial_norm=True, **convs)
+    h, new['conv_in'] = CausalConv3d(widths[0], **convs, name='conv_in')(z, cache=cache.get('conv_in'))
     mid_cache = cache.get('mid_block', {})
     new['mid_block'] = {}
     for j in range(2):
@@ -426,12 +491,15 @@ class Decoder3D(nn.Module):
         h, new_block[f'resnets_{j}'] = resnet(channels, name=f'up_blocks_{i}_resnets_{j}')(
             h, z, block_cache.get(f'resnets_{j}'))
       if i < len(widths) - 1:
-        h = Upsample3D(channels, i < self.temporal_compress_levels, **common, name=f'up_blocks_{i}_upsampler')(h)
+        # lazy where the next block narrows it (its shortcut is then smaller); rematerialised blocks take arrays
+        lazy = widths[i + 1] != channels and self.remat_policy == 'none'
+        h = Upsample3D(channels, i < self.temporal_compress_levels, **common, lazy=lazy,
+                       name=f'up_blocks_{i}_upsampler')(h)
       new[f'up_blocks_{i}'] = new_block
     norm = SpatialNorm3D(widths[-1], self.num_groups, self.eps, dtype=self.dtype, precision=self.precision,
                          name='norm_out')(h, z)
-    h, new['conv_out'] = CausalConv3d(self.out_channels, **common, name='conv_out')(h, silu_of(norm),
-                                                                                    cache.get('conv_out'))
+    h, new['conv_out'] = CausalConv3d(self.out_channels, **convs, name='conv_out')(h, silu_of(norm),
+                                                                                   cache.get('conv_out'))
     return h, new
 
 
@@ -454,6 +522,8 @@ class CogVideoXVAE(nn.Module):
   tile_bytes: int = DEFAULT_TILE_BYTES
   # training: each chunk and each ResnetBlock3D rematerialised under this jax.checkpoint_policies name
   remat_policy: str = 'none'
+  # how temporal convolutions are computed (`CONV3D_MODES`); 'native' compiles on CPU the program a GPU runs
+  conv3d: str = 'auto'
 
   @property
   def spatial_compression(self) -> int:
@@ -464,7 +534,7 @@ class CogVideoXVAE(nn.Module):
     levels = int(np.log2(self.temporal_compression))
     common = dict(block_channels=block_channels, num_res_blocks=self.num_res_blocks, num_groups=self.num_groups,
                   eps=self.norm_eps, temporal_compress_levels=levels, dtype=self.dtype, precision=self.precision,
-                  tile_bytes=self.tile_bytes, remat_policy=self.remat_policy)
+                  tile_bytes=self.tile_bytes, conv3d=self.conv3d, remat_policy=self.remat_policy)
     if self.with_encoder:
       self.encoder = Encoder3D(self.latent_channels, **common)
     self.decoder = Decoder3D(self.in_channels, **common)

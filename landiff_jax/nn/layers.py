@@ -141,6 +141,43 @@ class RMSNorm(nn.Module):
     return (y * scale.astype(jnp.float32)).astype(self.dtype or x.dtype)
 
 
+GroupMoments = tuple[jax.Array, jax.Array, jax.Array]  # (count, mean, sum of squared deviations), fp32
+
+
+def _grouped(x: jax.Array, num_groups: int) -> jax.Array:
+  return x.astype(jnp.float32).reshape(x.shape[0], -1, num_groups, x.shape[-1] // num_groups)
+
+
+def group_statistics(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
+  """GroupNorm's (mean, biased variance) over every non-batch position and each group's channels, in fp32."""
+  grouped = _grouped(x, num_groups)
+  mean = grouped.mean(axis=(1, 3), keepdims=True)
+  return mean, jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
+
+
+def group_moments(part: jax.Array, num_groups: int) -> GroupMoments:
+  """The moments of one part of a tensor (e.g. a few frames), to merge with `merge_group_moments`."""
+  grouped = _grouped(part, num_groups)
+  mean = grouped.mean(axis=(1, 3), keepdims=True)
+  m2 = jnp.square(grouped - mean).sum(axis=(1, 3), keepdims=True)
+  return jnp.float32(grouped.shape[1] * grouped.shape[3]), mean, m2
+
+
+def merge_group_moments(a: GroupMoments | None, b: GroupMoments) -> GroupMoments:
+  """The moments of two disjoint parts together (Chan et al.'s pairwise update: no cancellation)."""
+  if a is None:
+    return b
+  (na, mean_a, m2_a), (nb, mean_b, m2_b) = a, b
+  n = na + nb
+  delta = mean_b - mean_a
+  return n, mean_a + delta * (nb / n), m2_a + m2_b + jnp.square(delta) * (na * nb / n)
+
+
+def moments_statistics(moments: GroupMoments) -> tuple[jax.Array, jax.Array]:
+  count, mean, m2 = moments
+  return mean, m2 / count
+
+
 class GroupNorm(nn.Module):
   """GroupNorm over every non-batch position and the group's channels ([B, ..., C]); fp32 statistics with PyTorch's
   biased variance, result in `dtype`."""
@@ -152,9 +189,11 @@ class GroupNorm(nn.Module):
     return self.normalizer(x)(x)
 
   @nn.compact
-  def normalizer(self, x: jax.Array) -> Callable[[jax.Array], jax.Array]:
+  def normalizer(self, x: Any, statistics: tuple[jax.Array, jax.Array] | None = None
+                 ) -> Callable[[jax.Array], jax.Array]:
     """The normalisation with `x`'s statistics, to apply to `x` or to any part of it along its non-batch axes (the
-    VAE applies a whole chunk's statistics one frame tile at a time)."""
+    VAE applies a whole chunk's statistics one frame tile at a time). With `statistics` ((mean, variance) from
+    `group_statistics`, or merged `group_moments`), `x` only gives the shape and may be any object with one."""
     channels = x.shape[-1]
     if channels % self.num_groups:
       raise ValueError(f'GroupNorm {self.name!r}: {channels} channels are not divisible into {self.num_groups} groups.')
@@ -162,13 +201,11 @@ class GroupNorm(nn.Module):
                        jnp.float32)
     bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('norm',)), (channels,),
                       jnp.float32)
-    grouped_shape = (x.shape[0], -1, self.num_groups, channels // self.num_groups)
-    grouped = x.astype(jnp.float32).reshape(grouped_shape)
-    mean = grouped.mean(axis=(1, 3), keepdims=True)
-    inv_std = lax.rsqrt(jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True) + self.eps)
+    mean, variance = group_statistics(x, self.num_groups) if statistics is None else statistics
+    inv_std = lax.rsqrt(variance + self.eps)
 
     def normalize(part: jax.Array) -> jax.Array:
-      normed = ((part.astype(jnp.float32).reshape(grouped_shape) - mean) * inv_std).reshape(part.shape)
+      normed = ((_grouped(part, self.num_groups) - mean) * inv_std).reshape(part.shape)
       return (normed * scale + bias).astype(self.dtype)
 
     return normalize
