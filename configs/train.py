@@ -34,8 +34,10 @@ FROZEN = {
 # block, attention by `attention_backend` (set by each stage's plan where its sequences are long: 'auto' picks the
 # fused kernel on GPU/TPU, the blockwise path on CPU, never the 17,776² score matrices of 'xla').
 # Past 64 devices give 'data' the rest, e.g. --config.parallel.mesh.data=4 --config.parallel.mesh.fsdp=64 (the
-# renderer's hidden size 1,920 caps fsdp at 128). The VAE and Theia models have no layer scan, so no remat policy
-# applies to them.
+# renderer's hidden size 1,920 caps fsdp at 128). The VAE rematerialises each temporal chunk and each ResnetBlock3D
+# and runs untiled: one 49-frame 480x720 clip needs 118 GiB per device in the CPU-compiled plan (1,939 GiB without
+# remat), which does not fit 80 GB; 17x256x256 crops fit (README, "Training on many hosts"). Theia's ViT fits
+# without remat.
 FSDP = dict(data=1, fsdp=-1, tensor=1)
 PLANS = {
     'tokenizer': dict(mesh=FSDP, remat_policy='nothing_saveable'),
@@ -43,7 +45,7 @@ PLANS = {
     'diffusion': dict(mesh=FSDP, remat_policy='nothing_saveable'),
     'backbone': dict(mesh=FSDP, remat_policy='nothing_saveable'),
     'theia': dict(mesh=FSDP, remat_policy='none'),
-    'vae': dict(mesh=FSDP, remat_policy='none'),
+    'vae': dict(mesh=FSDP, remat_policy='nothing_saveable'),
 }
 
 

@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
-# `landiff-jax bench train` for the control-branch (diffusion), LM and tokenizer stages at the release's sizes, one
-# JSON per stage in OUT_DIR (default bench-train/): median step time, samples/tokens per second per device, MFU
+# `landiff-jax bench train` for the control-branch (diffusion), LM and tokenizer stages at the release's sizes, and
+# the VAE on 17x256x256 crops and on whole 49x480x720 clips (which the CPU-compiled plan puts above 80 GB), one
+# JSON per run in OUT_DIR (default bench-train/): median step time, samples/tokens per second per device, MFU
 # against the device's dense bf16 peak, compiled and peak memory. Run on the accelerator host:
 #   bash launch/bench_train.sh [OUT_DIR]
 # Environment: PYTHON (default python3), STAGE_TIMEOUT seconds per stage (default 300), ATTENTION (an attention
 # backend for the tokenizer and diffusion stages, default: the config's), LM_BATCH / TOKENIZER_BATCH /
-# DIFFUSION_BATCH (examples per device: 8 / 2 / 2 fit an 80 GB GPU).
+# DIFFUSION_BATCH / VAE_BATCH (examples per device: 8 / 2 / 2 / 3 fit an 80 GB GPU).
 set -u
 OUT_DIR=${1:-bench-train}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT_DIR"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
 
-bench() {
-  local stage=$1
+bench() {  # bench STAGE [--name NAME] [bench train options]
+  local stage=$1 name=$1
   shift
+  if [ "${1:-}" = "--name" ]; then name=$2; shift 2; fi
   echo "== bench train --stage $stage $*"
   timeout "${STAGE_TIMEOUT:-300}" "$PYTHON" -m landiff_jax bench train --stage "$stage" --repeats 5 \
-    --out "$OUT_DIR/$stage.json" "$@" 2>&1 | grep -v '^ *"\(data\|fsdp\|tensor\)"' | tail -n 45
+    --out "$OUT_DIR/$name.json" "$@" 2>&1 | grep -v '^ *"\(data\|fsdp\|tensor\)"' | tail -n 45
 }
 
 attention=()
@@ -25,3 +27,6 @@ attention=()
 bench lm --batch "${LM_BATCH:-8}"
 bench diffusion --batch "${DIFFUSION_BATCH:-2}" "${attention[@]}"
 bench tokenizer --batch "${TOKENIZER_BATCH:-2}" "${attention[@]}"
+bench vae --name vae-crops --batch "${VAE_BATCH:-3}" --config.video.num_frames=17 --config.video.height=256 \
+  --config.video.width=256
+bench vae --name vae-clip --batch 1

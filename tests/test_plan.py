@@ -45,7 +45,8 @@ from landiff_jax.cli import TRAIN_TASKS
 from landiff_jax.train import plan as plan_lib
 
 # The VAE is left out: the CogVideoX VAE is not trained by the release (it is frozen; the `vae` stage is the demo's
-# small VAE), it has no rematerialisation, and one full-size compile of its step takes minutes on CPU.
+# small VAE), one full-size compile of its step takes 2.5-3.5 minutes on 2 CPU cores, and a whole 49-frame 480x720
+# clip does not fit (README, "Training on many hosts"); its rematerialisation is tested in tests/test_train_vae.py.
 RELEASE_STAGES = ('tokenizer', 'lm', 'backbone', 'diffusion', 'theia')
 
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from landiff_jax.nn.layers import GroupNorm, group_moments, merge_group_moments, moments_statistics
-from landiff_jax.nn.stack import REMAT_POLICIES
+from landiff_jax.nn.stack import REMAT_POLICIES, recompute_after_cotangent
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -88,6 +88,9 @@ def nearest_resize(x: Array, size: Sequence[int]) -> Array:
 
 Activation = Callable[[Array, Array], Array]  # (frames [B, n, H, W, C], their indices in the chunk [n]) → activated
 DEFAULT_TILE_BYTES = 2**28
+# Training (a remat policy) runs untiled: under differentiation a tile loop stacks every tile's residuals anyway, and
+# XLA allocates each loop's residual stack up front (306 -> 115 GiB for one 49-frame 480x720 clip, CPU plan).
+UNTILED = 2**62
 
 
 def tile_frames(num_frames: int, frame_bytes: int, budget: int) -> int:
@@ -364,6 +367,15 @@ def resnet_block(remat_policy: str) -> type[ResnetBlock3D]:
   return nn.remat(ResnetBlock3D, policy=_checkpoint_policy(remat_policy))
 
 
+def call_resnet(parent: nn.Module, block: nn.Module, *args: Any) -> tuple[Array, Cache]:
+  """`block(*args)` in `parent` (an Encoder3D or Decoder3D); with a remat policy the block recomputes in the
+  backward pass once its output's cotangent exists (`recompute_after_cotangent`: a plain `nn.remat` outside a scan
+  saves nothing on XLA:CPU, whose CSE merges the recomputation into the forward pass)."""
+  if parent.remat_policy == 'none' or parent.is_initializing():
+    return block(*args)
+  return recompute_after_cotangent(block, *args)
+
+
 class Upsample3D(nn.Module):
   """Nearest ×2 (in time too when `compress_time`, frame 0 kept single when T is odd), then a per-frame 3×3 conv;
   in frame tiles, or as `LazyFrames` when `lazy`."""
@@ -439,16 +451,16 @@ class Encoder3D(nn.Module):
       block_cache = cache.get(f'down_blocks_{i}', {})
       new_block: Cache = {}
       for j in range(self.num_res_blocks):
-        h, new_block[f'resnets_{j}'] = resnet(channels, name=f'down_blocks_{i}_resnets_{j}')(
-            h, None, block_cache.get(f'resnets_{j}'))
+        h, new_block[f'resnets_{j}'] = call_resnet(self, resnet(channels, name=f'down_blocks_{i}_resnets_{j}'),
+                                                   h, None, block_cache.get(f'resnets_{j}'))
       if i < len(self.block_channels) - 1:
         h = Downsample3D(channels, i < self.temporal_compress_levels, **common, name=f'down_blocks_{i}_downsampler')(h)
       new[f'down_blocks_{i}'] = new_block
     mid_cache = cache.get('mid_block', {})
     new['mid_block'] = {}
     for j in range(2):
-      h, new['mid_block'][f'resnets_{j}'] = resnet(self.block_channels[-1], name=f'mid_block_resnets_{j}')(
-          h, None, mid_cache.get(f'resnets_{j}'))
+      h, new['mid_block'][f'resnets_{j}'] = call_resnet(
+          self, resnet(self.block_channels[-1], name=f'mid_block_resnets_{j}'), h, None, mid_cache.get(f'resnets_{j}'))
     normalize = GroupNorm(self.num_groups, self.eps, dtype=self.dtype, name='norm_out').normalizer(h)
     h, new['conv_out'] = CausalConv3d(2 * self.latent_channels, **tiled, name='conv_out')(
         h, lambda frames, index: nn.silu(normalize(frames)), cache.get('conv_out'))
@@ -482,14 +494,14 @@ class Decoder3D(nn.Module):
     mid_cache = cache.get('mid_block', {})
     new['mid_block'] = {}
     for j in range(2):
-      h, new['mid_block'][f'resnets_{j}'] = resnet(widths[0], name=f'mid_block_resnets_{j}')(
-          h, z, mid_cache.get(f'resnets_{j}'))
+      h, new['mid_block'][f'resnets_{j}'] = call_resnet(self, resnet(widths[0], name=f'mid_block_resnets_{j}'),
+                                                        h, z, mid_cache.get(f'resnets_{j}'))
     for i, channels in enumerate(widths):
       block_cache = cache.get(f'up_blocks_{i}', {})
       new_block: Cache = {}
       for j in range(self.num_res_blocks + 1):
-        h, new_block[f'resnets_{j}'] = resnet(channels, name=f'up_blocks_{i}_resnets_{j}')(
-            h, z, block_cache.get(f'resnets_{j}'))
+        h, new_block[f'resnets_{j}'] = call_resnet(self, resnet(channels, name=f'up_blocks_{i}_resnets_{j}'),
+                                                   h, z, block_cache.get(f'resnets_{j}'))
       if i < len(widths) - 1:
         # lazy where the next block narrows it (its shortcut is then smaller); rematerialised blocks take arrays
         lazy = widths[i + 1] != channels and self.remat_policy == 'none'
@@ -520,7 +532,7 @@ class CogVideoXVAE(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = None
   tile_bytes: int = DEFAULT_TILE_BYTES
-  # training: each chunk and each ResnetBlock3D rematerialised under this jax.checkpoint_policies name
+  # training: each chunk and each ResnetBlock3D rematerialised under this jax.checkpoint_policies name, untiled
   remat_policy: str = 'none'
   # how temporal convolutions are computed (`CONV3D_MODES`); 'native' compiles on CPU the program a GPU runs
   conv3d: str = 'auto'
@@ -534,7 +546,8 @@ class CogVideoXVAE(nn.Module):
     levels = int(np.log2(self.temporal_compression))
     common = dict(block_channels=block_channels, num_res_blocks=self.num_res_blocks, num_groups=self.num_groups,
                   eps=self.norm_eps, temporal_compress_levels=levels, dtype=self.dtype, precision=self.precision,
-                  tile_bytes=self.tile_bytes, conv3d=self.conv3d, remat_policy=self.remat_policy)
+                  tile_bytes=self.tile_bytes if self.remat_policy == 'none' else UNTILED, conv3d=self.conv3d,
+                  remat_policy=self.remat_policy)
     if self.with_encoder:
       self.encoder = Encoder3D(self.latent_channels, **common)
     self.decoder = Decoder3D(self.in_channels, **common)
@@ -561,6 +574,8 @@ class CogVideoXVAE(nn.Module):
 def build_vae(config: Any, *, dtype: Any = jnp.float32, with_encoder: bool | None = None,
               precision: Any = None, remat_policy: str = 'none') -> CogVideoXVAE:
   """The VAE of a config section (`configs/landiff_official.py: vae_config`)."""
+  if remat_policy != 'none':
+    _checkpoint_policy(remat_policy)
   if with_encoder is None:
     with_encoder = bool(config.get('with_encoder', True))
   return CogVideoXVAE(

@@ -23,3 +23,29 @@ def scan_layers(block: type[nn.Module], num_layers: int, *args: Any, in_axes: An
     block = nn.remat(block, policy=getattr(jax.checkpoint_policies, remat_policy), prevent_cse=False)
   return nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True}, in_axes=in_axes,
                  length=num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})(*args, name=name, **kwargs)
+
+
+def recompute_after_cotangent(block: nn.Module, *args: Any) -> Any:
+  """`block(*args)` for an `nn.remat` block outside a layer scan, whose backward pass recomputes the block only
+  once the cotangent of its output exists.
+
+  `jax.checkpoint` keeps its recomputation apart from the forward pass with optimization barriers, but XLA:CPU
+  drops them before its last CSE passes, which then merge each recomputation back into the forward pass: outside a
+  scan, rematerialisation saves nothing on CPU, nor in any plan compiled there (inside `scan_layers` the forward and
+  backward loops are separate computations). Here the backward pass reads the saved inputs and parameters through a
+  zero-valued dependency on the output's cotangent, `r + 0·g₀`, which no pass folds or merges, and which orders each
+  block's recomputation after the backward passes of the blocks that follow it, on every backend. A non-finite
+  cotangent makes the gradients non-finite, as it would anyway.
+  """
+  def call(module, *inputs):
+    return module(*inputs)
+
+  def forward(module, *inputs):
+    return nn.vjp(call, module, *inputs)
+
+  def backward(vjp_fn, cotangent):
+    anchor = jax.tree.leaves(cotangent)[0].reshape(-1)[0] * 0
+    tie = lambda r: r + anchor.astype(r.dtype) if jax.numpy.issubdtype(r.dtype, jax.numpy.floating) else r
+    return jax.tree.map(tie, vjp_fn)(cotangent)
+
+  return nn.custom_vjp(call, forward_fn=forward, backward_fn=backward)(block, *args)

@@ -27,7 +27,8 @@ class VAETask(StageTask):
 
   def __init__(self, config: Any, examples: Any = None):
     super().__init__(config, examples)
-    self.model = vae_model.build_vae(config.vae, dtype=jnp.dtype(config.compute_dtype), with_encoder=True)
+    self.model = vae_model.build_vae(config.vae, dtype=jnp.dtype(config.compute_dtype), with_encoder=True,
+                                     remat_policy=config.remat_policy)
     self.kl_weight = float(config.vae.kl_weight)
     self.l2_weight = float(config.vae.l2_weight)
     frames = int(config.video.num_frames)
