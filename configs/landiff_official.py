@@ -28,6 +28,7 @@ def parallel_config():
               ('act_heads', 'tensor'),
               ('act_mlp', 'tensor'),
               ('act_vocab', 'tensor'),
+              ('act_height', 'tensor'),  # the VAE's feature-map rows (context parallelism)
               # parameters
               ('layers', None),
               ('embed', 'fsdp'),

@@ -34,10 +34,10 @@ FROZEN = {
 # block, attention by `attention_backend` (set by each stage's plan where its sequences are long: 'auto' picks the
 # fused kernel on GPU/TPU, the blockwise path on CPU, never the 17,776² score matrices of 'xla').
 # Past 64 devices give 'data' the rest, e.g. --config.parallel.mesh.data=4 --config.parallel.mesh.fsdp=64 (the
-# renderer's hidden size 1,920 caps fsdp at 128). The VAE rematerialises each temporal chunk and each ResnetBlock3D
-# and runs untiled: one 49-frame 480x720 clip needs 118 GiB per device in the CPU-compiled plan (1,939 GiB without
-# remat), which does not fit 80 GB; 17x256x256 crops fit (README, "Training on many hosts"). Theia's ViT fits
-# without remat.
+# renderer's hidden size 1,920 caps fsdp at 128). The VAE rematerialises each temporal chunk and each ResnetBlock3D,
+# runs untiled and splits each clip's rows over 4 devices: one 49-frame 480x720 clip on one device plans at 118.5 GiB
+# (1,939 GiB without remat), over 4 devices at 44.0 GiB each (README, "Training on many hosts"); for 17x256x256 crops
+# data parallelism is cheaper (--config.parallel.mesh.tensor=1). Theia's ViT fits without remat.
 FSDP = dict(data=1, fsdp=-1, tensor=1)
 PLANS = {
     'tokenizer': dict(mesh=FSDP, remat_policy='nothing_saveable'),
@@ -45,7 +45,9 @@ PLANS = {
     'diffusion': dict(mesh=FSDP, remat_policy='nothing_saveable'),
     'backbone': dict(mesh=FSDP, remat_policy='nothing_saveable'),
     'theia': dict(mesh=FSDP, remat_policy='none'),
-    'vae': dict(mesh=FSDP, remat_policy='nothing_saveable'),
+    # context parallelism: each clip's rows split 4 ways ('act_height' -> 'tensor'; 480 / 8 / 4 = 15 latent rows per
+    # device), kernels whole on every device (the decoder's last convolution has 3 output channels)
+    'vae': dict(mesh=dict(data=1, fsdp=-1, tensor=4), rules={'conv_out': None}, remat_policy='nothing_saveable'),
 }
 
 
@@ -84,6 +86,9 @@ def get_config(arg):
   if not size and stage in PLANS:
     plan = PLANS[stage]
     config.parallel.mesh.update(plan['mesh'])
+    rules = plan.get('rules', {})
+    config.parallel.logical_axis_rules = [(name, rules.get(name, axes)) for name, axes in
+                                          config.parallel.logical_axis_rules]
     for key in ('remat_policy', 'attention_backend'):
       if key in plan:
         config[key] = plan[key]

@@ -25,7 +25,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from landiff_jax.nn.layers import GroupNorm, group_moments, merge_group_moments, moments_statistics
+from landiff_jax.nn.layers import GroupNorm, constrain, group_moments, merge_group_moments, moments_statistics
 from landiff_jax.nn.stack import REMAT_POLICIES, recompute_after_cotangent
 
 Array = jax.Array
@@ -33,6 +33,14 @@ Cache = dict[str, Any]
 
 CONV_KERNEL_AXES_3D = (None, None, None, 'conv_in', 'conv_out')
 CONV_KERNEL_AXES_2D = (None, None, 'conv_in', 'conv_out')
+# Feature maps, chunk inputs and caches [B, T, H, W, C]: rows split over the mesh axes 'act_height' maps to (context
+# parallelism for training on whole clips; GSPMD exchanges the convolutions' halo rows and all-reduces GroupNorm's
+# sums). No-op outside a mesh context and where the rules leave 'act_height' unmapped.
+FRAME_AXES = ('batch', None, 'act_height', None, None)
+
+
+def constrain_frames(tree: Any) -> Any:
+  return jax.tree.map(lambda x: constrain(x, FRAME_AXES), tree)
 
 
 def _checkpoint_policy(remat_policy: str) -> Any:
@@ -373,7 +381,7 @@ def call_resnet(parent: nn.Module, block: nn.Module, *args: Any) -> tuple[Array,
   saves nothing on XLA:CPU, whose CSE merges the recomputation into the forward pass)."""
   if parent.remat_policy == 'none' or parent.is_initializing():
     return block(*args)
-  return recompute_after_cotangent(block, *args)
+  return constrain_frames(recompute_after_cotangent(block, *args))
 
 
 class Upsample3D(nn.Module):
@@ -616,6 +624,8 @@ def _run_chunks(apply_chunk, x: Array, chunk_frames: int, remat_policy: str = 'n
   With a `remat_policy`, the backward pass keeps each chunk's input and caches only and recomputes the rest."""
   if remat_policy != 'none':
     apply_chunk = jax.checkpoint(apply_chunk, policy=_checkpoint_policy(remat_policy))
+  chunk_fn = apply_chunk
+  apply_chunk = lambda chunk, cache: constrain_frames(chunk_fn(constrain_frames(chunk), cache))
   spans = latent_chunks(x.shape[1], chunk_frames)
   first_stop = spans[0][1]
   out, cache = apply_chunk(x[:, :first_stop], None)

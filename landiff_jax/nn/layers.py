@@ -145,22 +145,31 @@ GroupMoments = tuple[jax.Array, jax.Array, jax.Array]  # (count, mean, sum of sq
 
 
 def _grouped(x: jax.Array, num_groups: int) -> jax.Array:
-  return x.astype(jnp.float32).reshape(x.shape[0], -1, num_groups, x.shape[-1] // num_groups)
+  """x [B, ..., C] as [B, ..., G, C/G] in fp32. The position axes stay apart: merging them would lose a split of
+  any but the first (the VAE's rows under context parallelism) and make GSPMD gather the whole tensor."""
+  return x.astype(jnp.float32).reshape(x.shape[:-1] + (num_groups, x.shape[-1] // num_groups))
+
+
+def _statistics_axes(grouped: jax.Array) -> tuple[int, ...]:
+  """Every axis of a `_grouped` tensor but the batch and the group."""
+  return tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
 
 
 def group_statistics(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
   """GroupNorm's (mean, biased variance) over every non-batch position and each group's channels, in fp32."""
   grouped = _grouped(x, num_groups)
-  mean = grouped.mean(axis=(1, 3), keepdims=True)
-  return mean, jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
+  axes = _statistics_axes(grouped)
+  mean = grouped.mean(axis=axes, keepdims=True)
+  return mean, jnp.square(grouped - mean).mean(axis=axes, keepdims=True)
 
 
 def group_moments(part: jax.Array, num_groups: int) -> GroupMoments:
   """The moments of one part of a tensor (e.g. a few frames), to merge with `merge_group_moments`."""
   grouped = _grouped(part, num_groups)
-  mean = grouped.mean(axis=(1, 3), keepdims=True)
-  m2 = jnp.square(grouped - mean).sum(axis=(1, 3), keepdims=True)
-  return jnp.float32(grouped.shape[1] * grouped.shape[3]), mean, m2
+  axes = _statistics_axes(grouped)
+  mean = grouped.mean(axis=axes, keepdims=True)
+  m2 = jnp.square(grouped - mean).sum(axis=axes, keepdims=True)
+  return jnp.float32(math.prod(grouped.shape[a] for a in axes)), mean, m2
 
 
 def merge_group_moments(a: GroupMoments | None, b: GroupMoments) -> GroupMoments:

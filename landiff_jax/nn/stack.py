@@ -33,7 +33,7 @@ def recompute_after_cotangent(block: nn.Module, *args: Any) -> Any:
   drops them before its last CSE passes, which then merge each recomputation back into the forward pass: outside a
   scan, rematerialisation saves nothing on CPU, nor in any plan compiled there (inside `scan_layers` the forward and
   backward loops are separate computations). Here the backward pass reads the saved inputs and parameters through a
-  zero-valued dependency on the output's cotangent, `r + 0·g₀`, which no pass folds or merges, and which orders each
+  zero-valued dependency on the output's cotangent, `r + 0·max|g|`, which no pass folds or merges, and which orders each
   block's recomputation after the backward passes of the blocks that follow it, on every backend. A non-finite
   cotangent makes the gradients non-finite, as it would anyway.
   """
@@ -44,7 +44,8 @@ def recompute_after_cotangent(block: nn.Module, *args: Any) -> Any:
     return nn.vjp(call, module, *inputs)
 
   def backward(vjp_fn, cotangent):
-    anchor = jax.tree.leaves(cotangent)[0].reshape(-1)[0] * 0
+    # a reduction, not one element: picking an element of a sharded cotangent makes GSPMD gather it whole
+    anchor = jax.numpy.max(jax.numpy.abs(jax.tree.leaves(cotangent)[0])) * 0
     tie = lambda r: r + anchor.astype(r.dtype) if jax.numpy.issubdtype(r.dtype, jax.numpy.floating) else r
     return jax.tree.map(tie, vjp_fn)(cotangent)
 

@@ -51,7 +51,7 @@ class VAETask(StageTask):
     return {'samples': video.shape[0], 'frames': video.shape[0] * video.shape[1]}
 
   def loss_fn(self, params: Any, batch: Any, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    video = batch['video'].astype(jnp.float32) / 127.5 - 1.0
+    video = vae_model.constrain_frames(batch['video'].astype(jnp.float32) / 127.5 - 1.0)
     mean, logvar = vae_model.encode_moments(self.model, params, video)
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
     reconstruction = vae_model.decode(self.model, params, z * self.model.scaling_factor)
