@@ -33,7 +33,8 @@ def resolve_mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tupl
     if num_devices % fixed:
       raise ValueError(
           f'parallel.mesh {_describe(sizes)}: the fixed axes multiply to {fixed}, which does not divide the '
-          f'{num_devices} devices; choose fixed sizes whose product divides {num_devices}.')
+          f'{num_devices} devices; choose fixed sizes whose product divides {num_devices}, e.g. '
+          f'--config.parallel.mesh.{max((a for a in sizes if sizes[a] > 1), key=sizes.get)}=1.')
     sizes[fill[0]] = num_devices // fixed
   elif fixed != num_devices:
     raise ValueError(
