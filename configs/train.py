@@ -36,7 +36,7 @@ FROZEN = {
 # Past 64 devices give 'data' the rest, e.g. --config.parallel.mesh.data=4 --config.parallel.mesh.fsdp=64 (the
 # renderer's hidden size 1,920 caps fsdp at 128). The VAE rematerialises each temporal chunk and each ResnetBlock3D,
 # runs untiled and splits each clip's rows over 4 devices: one 49-frame 480x720 clip on one device plans at 118.5 GiB
-# (1,939 GiB without remat), over 4 devices at 44.0 GiB each (README, "Training on many hosts"); for 17x256x256 crops
+# (1,939 GiB without remat), over 4 devices at 28.4 GiB each (README, "Training on many hosts"); for 17x256x256 crops
 # data parallelism is cheaper (--config.parallel.mesh.tensor=1). Theia's ViT fits without remat.
 FSDP = dict(data=1, fsdp=-1, tensor=1)
 PLANS = {
