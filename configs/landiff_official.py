@@ -38,6 +38,7 @@ def parallel_config():
               ('vocab', 'tensor'),
               ('conv_in', None),
               ('conv_out', 'tensor'),
+              ('vae_conv_out', None),  # the VAE's kernels stay whole: its maps split by rows ('act_height')
               ('kernel', None),
               ('norm', None),
               ('codebook', None),

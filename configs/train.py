@@ -46,8 +46,8 @@ PLANS = {
     'backbone': dict(mesh=FSDP, remat_policy='nothing_saveable'),
     'theia': dict(mesh=FSDP, remat_policy='none'),
     # context parallelism: each clip's rows split 4 ways ('act_height' -> 'tensor'; 480 / 8 / 4 = 15 latent rows per
-    # device), kernels whole on every device (the decoder's last convolution has 3 output channels)
-    'vae': dict(mesh=dict(data=1, fsdp=-1, tensor=4), rules={'conv_out': None}, remat_policy='nothing_saveable'),
+    # device), kernels whole on every device
+    'vae': dict(mesh=dict(data=1, fsdp=-1, tensor=4), remat_policy='nothing_saveable'),
 }
 
 
@@ -86,9 +86,6 @@ def get_config(arg):
   if not size and stage in PLANS:
     plan = PLANS[stage]
     config.parallel.mesh.update(plan['mesh'])
-    rules = plan.get('rules', {})
-    config.parallel.logical_axis_rules = [(name, rules.get(name, axes)) for name, axes in
-                                          config.parallel.logical_axis_rules]
     for key in ('remat_policy', 'attention_backend'):
       if key in plan:
         config[key] = plan[key]

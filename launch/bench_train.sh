@@ -31,5 +31,9 @@ bench diffusion --batch "${DIFFUSION_BATCH:-2}" "${attention[@]}"
 bench tokenizer --batch "${TOKENIZER_BATCH:-2}" "${attention[@]}"
 bench vae --name vae-crops --batch "${VAE_BATCH:-3}" --config.video.num_frames=17 --config.video.height=256 \
   --config.video.width=256 --config.parallel.mesh.tensor=1
-gpus=$("$PYTHON" -c 'import jax; print(jax.device_count())' 2>/dev/null || echo 1)
-bench vae --name vae-clip --batch 1 --config.parallel.mesh.tensor="${VAE_TENSOR:-$([ "$gpus" -ge 4 ] && echo 4 || echo 1)}"
+vae_tensor=${VAE_TENSOR:-}
+if [ -z "$vae_tensor" ]; then
+  gpus=$("$PYTHON" -c 'import jax; print(jax.device_count())' 2>/dev/null || echo 1)
+  vae_tensor=$([ "$gpus" -ge 4 ] && echo 4 || echo 1)
+fi
+bench vae --name vae-clip --batch 1 --config.parallel.mesh.tensor="$vae_tensor"

@@ -31,8 +31,10 @@ from landiff_jax.nn.stack import REMAT_POLICIES, recompute_after_cotangent
 Array = jax.Array
 Cache = dict[str, Any]
 
-CONV_KERNEL_AXES_3D = (None, None, None, 'conv_in', 'conv_out')
-CONV_KERNEL_AXES_2D = (None, None, 'conv_in', 'conv_out')
+# The kernels' output channels have a name of their own, which every config leaves unmapped: the VAE's maps split by
+# rows ('act_height' below), never by channels (and the decoder's last convolution has 3 outputs).
+CONV_KERNEL_AXES_3D = (None, None, None, 'conv_in', 'vae_conv_out')
+CONV_KERNEL_AXES_2D = (None, None, 'conv_in', 'vae_conv_out')
 # Feature maps, chunk inputs and caches [B, T, H, W, C]: rows split over the mesh axes 'act_height' maps to (context
 # parallelism for training on whole clips; GSPMD exchanges the convolutions' halo rows and all-reduces GroupNorm's
 # sums). No-op outside a mesh context and where the rules leave 'act_height' unmapped.
@@ -54,7 +56,7 @@ torch_default_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'
 
 
 def _bias(module: nn.Module, features: int) -> Array:
-  return module.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('conv_out',)), (features,),
+  return module.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('vae_conv_out',)), (features,),
                       jnp.float32)
 
 
@@ -261,7 +263,7 @@ class PointwiseConv(nn.Module):
 
   @nn.compact
   def __call__(self, in_features: int) -> Callable[[Array], Array]:
-    kernel = self.param('kernel', nn.with_logical_partitioning(torch_default_init, ('conv_in', 'conv_out')),
+    kernel = self.param('kernel', nn.with_logical_partitioning(torch_default_init, ('conv_in', 'vae_conv_out')),
                         (in_features, self.features), jnp.float32).astype(self.dtype)
     bias = _bias(self, self.features).astype(self.dtype)
     return lambda x: jnp.einsum('...i,io->...o', x.astype(self.dtype), kernel, precision=self.precision) + bias
@@ -619,13 +621,16 @@ def decoded_frames(num_latent_frames: int, temporal_compression: int = 4, chunk_
   return first_out + temporal_compression * (num_latent_frames - first)
 
 
+def _constrained_chunk(apply_chunk, chunk: Array, cache: Cache | None) -> tuple[Array, Cache]:
+  return constrain_frames(apply_chunk(constrain_frames(chunk), cache))
+
+
 def _run_chunks(apply_chunk, x: Array, chunk_frames: int, remat_policy: str = 'none') -> Array:
   """Runs `apply_chunk(chunk, cache) -> (out, cache)` over the release's chunks along axis 1; concatenates outputs.
   With a `remat_policy`, the backward pass keeps each chunk's input and caches only and recomputes the rest."""
   if remat_policy != 'none':
     apply_chunk = jax.checkpoint(apply_chunk, policy=_checkpoint_policy(remat_policy))
-  chunk_fn = apply_chunk
-  apply_chunk = lambda chunk, cache: constrain_frames(chunk_fn(constrain_frames(chunk), cache))
+  apply_chunk = functools.partial(_constrained_chunk, apply_chunk)
   spans = latent_chunks(x.shape[1], chunk_frames)
   first_stop = spans[0][1]
   out, cache = apply_chunk(x[:, :first_stop], None)

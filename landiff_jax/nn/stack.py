@@ -6,6 +6,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 REMAT_POLICIES = ('none', 'nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable', 'everything_saveable')
 
@@ -45,8 +46,8 @@ def recompute_after_cotangent(block: nn.Module, *args: Any) -> Any:
 
   def backward(vjp_fn, cotangent):
     # a reduction, not one element: picking an element of a sharded cotangent makes GSPMD gather it whole
-    anchor = jax.numpy.max(jax.numpy.abs(jax.tree.leaves(cotangent)[0])) * 0
-    tie = lambda r: r + anchor.astype(r.dtype) if jax.numpy.issubdtype(r.dtype, jax.numpy.floating) else r
+    anchor = jnp.max(jnp.abs(jax.tree.leaves(cotangent)[0])) * 0
+    tie = lambda r: r + anchor.astype(r.dtype) if jnp.issubdtype(r.dtype, jnp.floating) else r
     return jax.tree.map(tie, vjp_fn)(cotangent)
 
   return nn.custom_vjp(call, forward_fn=forward, backward_fn=backward)(block, *args)
